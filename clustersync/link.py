@@ -1,0 +1,339 @@
+"""The worker's end of its pipe to the primary.
+
+One link per worker process, shared by every hub in it. Publishing appends a
+record to a pending run and returns; a writer thread turns the pending runs
+into frames and writes them in one call, so messages published back to back
+leave in one batch while a lone message leaves at once. A reader thread
+parses frames from the primary and hands each record to the hubs subscribed
+to its channel. When the primary's end closes, the worker exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ._log import RateLimitedLog, logger
+from .hub import Message
+from .wire import (
+    ACK,
+    BROADCAST,
+    DATA,
+    HEADER,
+    HEADER_SIZE,
+    PING,
+    PONG,
+    READY,
+    SUB,
+    UNSUB,
+    ProtocolError,
+    iter_records,
+)
+
+__all__ = ["WorkerLink", "current_link"]
+
+#: A DATA frame is closed once its body passes this size; a new one starts.
+FRAME_TARGET = 256 * 1024
+READ_SIZE = 1024 * 1024
+#: Seconds between a lost primary and a hard exit, for SIGTERM handlers to run.
+ORPHAN_GRACE = 1.0
+
+_current: Optional["WorkerLink"] = None
+_ratelimited = RateLimitedLog()
+
+Deliver = Callable[[Message], Any]
+
+
+def current_link() -> Optional["WorkerLink"]:
+    """The link of this worker process, or None outside a worker."""
+    return _current
+
+
+def _set_current(link: Optional["WorkerLink"]) -> None:
+    global _current
+    _current = link
+
+
+class WorkerLink:
+    """Batched, thread-safe framing over the worker's socket to the primary."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        index: int,
+        *,
+        max_message: int,
+        out_limit: int,
+        publish_block: float,
+    ) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self.index = index
+        self.max_message = max_message
+        self.out_limit = out_limit
+        self.publish_block = publish_block
+        self._cond = threading.Condition(threading.Lock())
+        # Pending runs, in publish order: [kind, channel, dest, body, count].
+        self._runs: List[List[Any]] = []
+        self._pending = 0  # bytes in _runs
+        self._inflight = 0  # bytes taken by the writer and not yet written
+        self._writer_waiting = False
+        self._space_waiters = 0
+        self._closing = False
+        self._closed = False
+        self._members: Dict[bytes, Tuple[Tuple[bytes, Deliver], ...]] = {}
+        self._subs_sent: Dict[bytes, int] = {}
+        self._acks: Dict[bytes, int] = {}
+        self.frames_out = 0
+        self.messages_out = 0
+        self.messages_in = 0
+        self.dropped = 0
+        self._reader = threading.Thread(target=self._read_loop, name="clustersync-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="clustersync-writer", daemon=True)
+
+    def start(self) -> None:
+        """Start the reader and writer threads."""
+        self._reader.start()
+        self._writer.start()
+
+    # -- membership --------------------------------------------------------
+
+    def add_member(self, channel: bytes, hub_id: bytes, deliver: Deliver) -> int:
+        """Route ``channel`` to ``deliver`` (skipping ``hub_id``'s own messages).
+
+        Returns the sequence number :meth:`wait_acked` waits for.
+        """
+        with self._cond:
+            self._members[channel] = self._members.get(channel, ()) + ((hub_id, deliver),)
+            seq = self._subs_sent.get(channel, 0) + 1
+            self._subs_sent[channel] = seq
+        self._control(SUB, channel)
+        return seq
+
+    def remove_member(self, channel: bytes, hub_id: bytes) -> None:
+        """Stop routing ``channel`` to ``hub_id``."""
+        with self._cond:
+            members = tuple(m for m in self._members.get(channel, ()) if m[0] != hub_id)
+            if members:
+                self._members[channel] = members
+            else:
+                self._members.pop(channel, None)
+        if not self._closed:
+            self._control(UNSUB, channel)
+
+    def wait_acked(self, channel: bytes, seq: int, timeout: Optional[float]) -> bool:
+        """Wait until the primary has seen subscription number ``seq`` on ``channel``."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._acks.get(channel, 0) >= seq or self._closed, timeout
+            ) and not self._closed
+
+    # -- writing -----------------------------------------------------------
+
+    def publish(self, channel: bytes, dest: int, record: bytes) -> None:
+        """Queue one message record for ``dest`` (a worker index or BROADCAST).
+
+        Waits up to ``publish_block`` seconds when the outgoing buffer is
+        full, then raises ``BufferError`` (the message is dropped and counted).
+        """
+        size = len(record)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the connection to the primary is closed")
+            if self._pending + self._inflight + size > self.out_limit and self._pending:
+                self._space_waiters += 1
+                try:
+                    ok = self._cond.wait_for(
+                        lambda: self._pending + self._inflight + size <= self.out_limit
+                        or not self._pending
+                        or self._closed,
+                        self.publish_block,
+                    )
+                finally:
+                    self._space_waiters -= 1
+                if not ok:
+                    self.dropped += 1
+                    raise BufferError(
+                        f"outgoing buffer to the primary is full ({self.out_limit} bytes): message dropped"
+                    )
+                if self._closed:
+                    raise RuntimeError("the connection to the primary is closed")
+            runs = self._runs
+            if runs:
+                last = runs[-1]
+                if (
+                    last[0] == DATA
+                    and last[2] == dest
+                    and last[1] == channel
+                    and len(last[3]) + size <= FRAME_TARGET
+                ):
+                    last[3] += record
+                    last[4] += 1
+                    self._pending += size
+                    return
+            runs.append([DATA, channel, dest, bytearray(record), 1])
+            self._pending += size
+            if self._writer_waiting:
+                self._cond.notify_all()
+
+    def _control(self, kind: int, channel: bytes = b"", count: int = 0) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._runs.append([kind, channel, BROADCAST, b"", count])
+            if self._writer_waiting:
+                self._cond.notify_all()
+
+    def notify_ready(self) -> None:
+        """Tell the primary this worker is ready."""
+        self._control(READY)
+
+    def _write_loop(self) -> None:
+        cond = self._cond
+        pack = HEADER.pack
+        index = self.index
+        sock = self._sock
+        while True:
+            with cond:
+                while not self._runs:
+                    if self._closing or self._closed:
+                        self._closed = True
+                        cond.notify_all()
+                        return
+                    self._writer_waiting = True
+                    cond.wait()
+                    self._writer_waiting = False
+                runs, self._runs = self._runs, []
+                self._inflight = self._pending
+                self._pending = 0
+            parts: List[Any] = []
+            messages = 0
+            for kind, channel, dest, body, count in runs:
+                parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
+                parts.append(channel)
+                parts.append(body)
+                if kind == DATA:
+                    messages += count
+            try:
+                sock.sendall(b"".join(parts))
+            except OSError as exc:
+                logger.error("worker %d: writing to the primary failed: %s", index, exc)
+                with cond:
+                    self._closed = True
+                    cond.notify_all()
+                return
+            with cond:
+                self.frames_out += len(runs)
+                self.messages_out += messages
+                self._inflight = 0
+                if self._space_waiters or self._closing:
+                    cond.notify_all()
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until everything published so far is written; True if it was."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: (not self._runs and not self._inflight) or self._closed, timeout
+            ) and not self._runs
+
+    # -- reading -----------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        sock = self._sock
+        unpack = HEADER.unpack_from
+        buf = bytearray()
+        try:
+            while True:
+                try:
+                    data = sock.recv(READ_SIZE)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                buf += data
+                n = len(buf)
+                off = 0
+                while n - off >= HEADER_SIZE:
+                    body_len, kind, clen, _origin, _dest, count = unpack(buf, off)
+                    end = off + HEADER_SIZE + body_len
+                    if end > n:
+                        break
+                    start = off + HEADER_SIZE
+                    if kind == DATA:
+                        self._dispatch(bytes(buf[start : start + clen]), bytes(buf[start + clen : end]))
+                    elif kind == ACK:
+                        channel = bytes(buf[start : start + clen])
+                        with self._cond:
+                            self._acks[channel] = self._acks.get(channel, 0) + 1
+                            self._cond.notify_all()
+                    elif kind == PING:
+                        self._control(PONG, b"", count)
+                    off = end
+                del buf[:off]
+        except ProtocolError as exc:
+            logger.error("worker %d: bad frame from the primary: %s", self.index, exc)
+        self._on_eof()
+
+    def _dispatch(self, channel: bytes, body: bytes) -> None:
+        members = self._members.get(channel)
+        if not members:
+            return
+        for origin, ns, topic, data in iter_records(body):
+            self.messages_in += 1
+            origin_s = origin.decode()
+            msg = Message(ns.decode(), topic.decode(), data, origin_s)
+            for hub_id, deliver in members:
+                if hub_id != origin:
+                    try:
+                        deliver(msg)
+                    except Exception:  # the hub contains its own errors; this is a last guard
+                        _ratelimited("deliver", logging.ERROR, "delivery failed", exc_info=True)
+
+    def _on_eof(self) -> None:
+        with self._cond:
+            closing = self._closing
+            self._closed = True
+            self._cond.notify_all()
+        if closing:
+            return
+        logger.error(
+            "worker %d (pid %d): the connection to the primary closed; exiting", self.index, os.getpid()
+        )
+        timer = threading.Timer(ORPHAN_GRACE, os._exit, args=(1,))
+        timer.daemon = True
+        timer.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    # -- state -------------------------------------------------------------
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters of this worker's link."""
+        return {
+            "driver": "cluster",
+            "worker": self.index,
+            "frames_out": self.frames_out,
+            "messages_out": self.messages_out,
+            "messages_in": self.messages_in,
+            "dropped": self.dropped,
+            "pending_bytes": self._pending + self._inflight,
+        }
+
+    def close(self, timeout: Optional[float] = 5.0) -> None:
+        """Write what is pending (waiting up to ``timeout``), then stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._writer.is_alive() and self._writer is not threading.current_thread():
+            self._writer.join(timeout)
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass

@@ -1,0 +1,91 @@
+"""``cluster``: the worker side of the primary's relay.
+
+Hubs in workers forked by :func:`clustersync.sync.setup_primary_cluster`
+reach every other hub on the same channel, in any worker, through the
+primary. Outside such a worker, ``subscribe`` raises ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from ..hub import Message
+from ..wire import BROADCAST, MAX_WORKERS, RECORD
+from .base import Deliver, DriverFactory, check_channel
+from ..link import WorkerLink, current_link
+
+__all__ = ["cluster", "ClusterDriver"]
+
+_NOT_A_WORKER = (
+    "cluster() sync works only in a worker forked by a clustersync primary: call "
+    "setup_primary_cluster() in the primary process and start workers with primary.fork(...) "
+    "(or run the app with `python -m clustersync run`)"
+)
+
+
+class ClusterDriver:
+    """One hub's membership of a channel on the primary's relay."""
+
+    def __init__(self, hub_id: str, channel: str) -> None:
+        self.hub_id = hub_id
+        self.channel = channel
+        self._hid = hub_id.encode()
+        self._chan = channel.encode()
+        self._link: Optional[WorkerLink] = None
+        self._seq = 0
+
+    def subscribe(self, deliver: Deliver) -> None:
+        """Join the channel; raises ``RuntimeError`` outside a worker."""
+        link = current_link()
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        self._seq = link.add_member(self._chan, self._hid, deliver)
+        self._link = link
+
+    def _record(self, msg: Message) -> bytes:
+        data = msg.data
+        ns = msg.namespace.encode()
+        topic = msg.topic.encode()
+        return RECORD.pack(len(data), len(self._hid), len(ns), len(topic)) + self._hid + ns + topic + data
+
+    def publish(self, msg: Message) -> None:
+        """Send ``msg`` to every other hub on the channel."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        link.publish(self._chan, BROADCAST, self._record(msg))
+
+    def publish_to(self, worker: int, msg: Message) -> None:
+        """Send ``msg`` to the hubs on the channel in worker ``worker`` only."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        if not isinstance(worker, int) or not 0 <= worker < MAX_WORKERS:
+            raise ValueError(f"worker must be a worker index, not {worker!r}")
+        link.publish(self._chan, worker, self._record(msg))
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """True once the primary routes the channel to this worker."""
+        link = self._link
+        return link is not None and link.wait_acked(self._chan, self._seq, timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """The worker link's counters."""
+        link = self._link
+        return link.stats() if link is not None else {"driver": "cluster", "connected": False}
+
+    def close(self) -> None:
+        """Leave the channel."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.remove_member(self._chan, self._hid)
+
+
+def cluster(*, channel: str) -> DriverFactory:
+    """A driver factory joining hubs of all workers of this primary on ``channel``."""
+    check_channel(channel)
+
+    def factory(hub_id: str) -> ClusterDriver:
+        return ClusterDriver(hub_id, channel)
+
+    return factory
