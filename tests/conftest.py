@@ -1,0 +1,105 @@
+"""Test plumbing: a hard per-test timeout, and cleanup of every process a test starts."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+DEFAULT_TIMEOUT = 60.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "timeout(seconds): fail the test if it runs longer")
+
+
+class TestTimeout(Exception):
+    """A test ran past its deadline."""
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that runs longer than its ``timeout`` mark (default 60 s)."""
+    marker = request.node.get_closest_marker("timeout")
+    seconds = float(marker.args[0]) if marker else DEFAULT_TIMEOUT
+
+    def expire(signum: int, frame: object) -> None:
+        raise TestTimeout(f"test ran longer than {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    faulthandler.dump_traceback_later(seconds + 5, exit=True)  # the last resort if the alarm cannot fire
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_children() -> Iterator[None]:
+    """Kill any child process a test left behind, and fail the test for it."""
+    before = set(_children())
+    yield
+    deadline = time.monotonic() + 5
+    left = set(_children()) - before
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = set(_children()) - before
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        pytest.fail(f"test left child processes behind: {sorted(left)}")
+
+
+def _children() -> list:
+    """Pids of this process's live (non-zombie) children, from /proc."""
+    me = os.getpid()
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2 :].split()
+        if len(rest) > 1 and rest[0] != "Z" and int(rest[1]) == me and not _is_helper(entry):
+            out.append(int(entry))
+    return out
+
+
+def _is_helper(pid: str) -> bool:
+    """multiprocessing's long-lived helpers (forkserver, resource tracker) are not leaks."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"forkserver" in cmdline or b"resource_tracker" in cmdline
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> object:
+    """Poll ``predicate`` until it is truthy; raise AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)

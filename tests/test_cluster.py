@@ -1,0 +1,259 @@
+"""The cluster driver and the primary's relay, across real worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any, Callable, Dict, List
+
+import pytest
+
+from clustersync import Hub
+from clustersync.primary import Primary
+from clustersync.sync import cluster, setup_primary_cluster
+
+from . import workers
+from .conftest import wait_for
+
+
+def run_workers(
+    target: Callable[..., Any], n: int, *args: Any, start_method: str = "fork", timeout: float = 40, **options: Any
+) -> Dict[int, Any]:
+    """Fork ``n`` workers running ``target(results, barrier, *args)``; return what each put, by index."""
+    ctx = multiprocessing.get_context(start_method)
+    results = ctx.Queue()
+    barrier = ctx.Barrier(n)
+    primary = Primary(start_method=start_method, workers=n, **options)
+    out: Dict[int, Any] = {}
+    try:
+        for _ in range(n):
+            primary.fork(target, results, barrier, *args)
+        deadline = time.monotonic() + timeout
+        # Relay while collecting: a worker may wait on the others before it exits.
+        while len(out) < n and time.monotonic() < deadline:
+            if not primary.workers and results.empty():
+                break  # every worker is gone; the assertion below says which did not report
+            primary.run(lambda: False, timeout=0.05)
+            try:
+                while True:
+                    item = results.get_nowait()
+                    out[item[0]] = item
+            except queue.Empty:
+                pass
+        assert len(out) == n, f"only workers {sorted(out)} reported"
+        assert primary.join(timeout=20), "workers did not exit"
+        for w in primary.exited:
+            assert w.exitcode == 0, f"worker {w.index} exited with {w.exitcode}"
+        out["stats"] = primary.stats()
+    finally:
+        primary.close(timeout=5)
+        results.close()
+    return out
+
+
+def check_exchange(out: Dict[int, Any], n: int, count: int, publishers: List[int], kind: str) -> None:
+    for index in range(n):
+        _, hub_id, ready, got, stats = out[index]
+        assert ready, f"worker {index} never became ready"
+        by_origin: Dict[str, List[Any]] = {}
+        for origin, data in got:
+            by_origin.setdefault(origin, []).append(data)
+        expected_origins = len(publishers)
+        assert len(by_origin) == expected_origins, (index, list(by_origin))
+        for origin, items in by_origin.items():
+            assert len(items) == count, f"worker {index} got {len(items)} from {origin}"
+            if kind == "json":
+                seqs = [d["i"] for d in items]
+                assert seqs == list(range(count)), f"worker {index}: out of order from {origin}"
+                assert len({d["w"] for d in items}) == 1
+            elif kind == "bytes":
+                assert all(type(d) is bytes for d in items)
+                seqs = [int.from_bytes(d[1:5], "big") for d in items]
+                assert seqs == list(range(count))
+                assert all(d[5:] == b"\x00\xff" * 8 for d in items)
+            else:
+                assert all(type(d) is str and d.endswith(":é") for d in items)
+                assert [int(d.split(":")[1]) for d in items] == list(range(count))
+        if index in publishers:
+            assert hub_id in by_origin  # its own messages, delivered locally once
+        assert stats["errors"] == 0
+    assert out["stats"]["dropped"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_fanout_reaches_every_other_worker_once() -> None:
+    out = run_workers(workers.exchange, 3, "fan", 200, [0], "json")
+    check_exchange(out, 3, 200, [0], "json")
+
+
+@pytest.mark.timeout(90)
+def test_all_to_all_order_and_no_loss_10000_messages_4_workers() -> None:
+    out = run_workers(workers.exchange, 4, "order", 10_000, [0, 1, 2, 3], "json")
+    check_exchange(out, 4, 10_000, [0, 1, 2, 3], "json")
+
+
+@pytest.mark.timeout(60)
+def test_bytes_and_str_survive_with_their_type() -> None:
+    check_exchange(run_workers(workers.exchange, 2, "bin", 300, [0, 1], "bytes"), 2, 300, [0, 1], "bytes")
+    check_exchange(run_workers(workers.exchange, 2, "txt", 300, [0, 1], "str"), 2, 300, [0, 1], "str")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_relay_under_other_start_methods(method: str) -> None:
+    out = run_workers(workers.exchange, 3, "sp", 500, [0, 1, 2], "json", start_method=method)
+    check_exchange(out, 3, 500, [0, 1, 2], "json")
+
+
+@pytest.mark.timeout(60)
+def test_two_hubs_in_one_worker_reach_each_other_once() -> None:
+    out = run_workers(workers.two_hubs, 2)
+    for index in (0, 1):
+        _, got_a, got_b = out[index]
+        # Each hub: its own two locally, the sibling hub's two through the relay, four from the other worker.
+        assert got_a.count("from-a") == 2 and got_a.count("from-b") == 2
+        assert got_b.count("from-b") == 2 and got_b.count("from-a") == 2
+        assert len(got_a) == 8 and len(got_b) == 8
+
+
+@pytest.mark.timeout(60)
+def test_foreign_channel_does_not_bridge() -> None:
+    out = run_workers(workers.channels, 3)
+    assert out[1][1] == [f"a{i}" for i in range(100)]
+    assert out[2][1] == ["marker"]
+
+
+@pytest.mark.timeout(60)
+def test_unicast_reaches_only_the_chosen_worker() -> None:
+    out = run_workers(workers.unicast, 3)
+    assert out[2][1] == [f"direct{i}" for i in range(10)] + ["marker"]
+    assert out[1][1] == ["marker"]
+    assert out[0][1] == ["marker"]  # its own, locally
+
+
+@pytest.mark.timeout(60)
+def test_async_for_on_a_subscription() -> None:
+    out = run_workers(workers.async_iter, 2, 500)
+    assert out[1][1] == list(range(500))
+
+
+@pytest.mark.timeout(60)
+def test_worker_context_and_setup_in_a_worker(tmp_path: Any) -> None:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    primary = Primary(start_method="fork", workers=2)
+    try:
+        primary.fork(workers.nested_setup, results)
+        primary.fork(workers.nested_setup, results)
+        assert primary.join(20)
+        got = sorted(results.get(timeout=5) for _ in range(2))
+    finally:
+        primary.close()
+    assert got == [(0, 2, True, True, "0", "2"), (1, 2, True, True, "1", "2")]
+
+
+def test_setup_primary_cluster_twice_returns_the_same_object() -> None:
+    first = setup_primary_cluster()
+    try:
+        assert first is not None
+        assert setup_primary_cluster() is first
+    finally:
+        first.close()
+    again = setup_primary_cluster()
+    try:
+        assert again is not first  # a closed primary is replaced
+    finally:
+        again.close()
+
+
+def test_cluster_subscribe_outside_a_worker_raises() -> None:
+    driver = cluster(channel="x")("hub-id")
+    with pytest.raises(RuntimeError, match="setup_primary_cluster"):
+        driver.subscribe(lambda m: None)
+    errors: List[Any] = []
+    hub = Hub(sync=cluster(channel="x"), on_error=lambda e, s: errors.append((type(e), s)))
+    assert errors == [(RuntimeError, "subscribe")]
+    assert hub.wait_ready(0) is False
+    got: List[Any] = []
+    hub.subscribe("t", got.append)
+    hub.publish("t", "still local")  # local delivery works with the backplane down
+    assert [m.data for m in got] == ["still local"]
+    hub.close()
+
+
+@pytest.mark.parametrize("channel", ["", None, 5, "x" * 256])
+def test_bad_channel_raises_at_once(channel: Any) -> None:
+    with pytest.raises(ValueError, match="channel"):
+        cluster(channel=channel)
+
+
+def test_missing_channel_raises() -> None:
+    with pytest.raises(TypeError):
+        cluster()  # type: ignore[call-arg]
+
+
+def test_primary_rejects_bad_options() -> None:
+    with pytest.raises(ValueError):
+        Primary(start_method="thread")
+    with pytest.raises(ValueError):
+        Primary(max_buffer=0)
+
+
+@pytest.mark.timeout(30)
+def test_worker_exits_when_the_primary_dies(tmp_path: Any) -> None:
+    """SIGKILL the primary: its worker sees the pipe close and exits within 2 s."""
+    script = tmp_path / "primary.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {os.getcwd()!r})
+            import multiprocessing
+            from clustersync.primary import Primary
+            from tests import workers
+            if __name__ == "__main__":
+                q = multiprocessing.get_context("fork").SimpleQueue()
+                p = Primary(start_method="fork")
+                p.fork(workers.sleeper, q)
+                p.fork(workers.sleeper, q)
+                print(q.get(), q.get(), flush=True)
+                p.join()
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pids: List[int] = []
+    try:
+        line = proc.stdout.readline()
+        pids = [int(x) for x in line.split()]
+        assert len(pids) == 2
+        proc.kill()
+        proc.wait(5)
+        killed_at = time.monotonic()
+        wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=5)
+        assert time.monotonic() - killed_at < 2.5
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.wait(5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

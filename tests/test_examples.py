@@ -1,0 +1,26 @@
+"""The examples run as the docs say."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(60)
+def test_fanout_example_every_worker_receives_everything() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "fanout.py")],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("worker ")]
+    assert len(lines) == 4, proc.stdout
+    assert all("received 12 of 12" in line for line in lines), proc.stdout

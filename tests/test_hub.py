@@ -1,0 +1,270 @@
+"""The Hub on its own: local delivery, codec, errors, bounds, closing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, List, Tuple
+
+import pytest
+
+from clustersync import Hub, Message, Subscription, SubscriptionClosed
+from clustersync.codec import Codec
+
+
+def test_local_subscriber_gets_message_before_publish_returns() -> None:
+    hub = Hub()
+    got: List[Message] = []
+    hub.subscribe("chat", got.append)
+    hub.publish("chat", "hi")
+    assert got == [Message("", "chat", "hi", hub.id)]
+    assert got[0].origin == hub.id
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["text é ☃", b"\x00\xffbytes", {"a": [1, 2.5, None, True]}, [1, "x"], 42, 1.5, None, True, ""],
+)
+def test_values_round_trip_through_the_codec_with_their_type(value: Any) -> None:
+    codec = Codec()
+    out = codec.decode(codec.encode(value))
+    assert out == value and type(out) is type(value)
+
+
+def test_bytearray_arrives_as_bytes() -> None:
+    hub = Hub()
+    got: List[Any] = []
+    hub.subscribe("t", lambda m: got.append(m.data))
+    hub.publish("t", bytearray(b"ab"))
+    assert got == [b"ab"] and type(got[0]) is bytes
+
+
+def test_bad_arguments_raise_at_once() -> None:
+    hub = Hub()
+    with pytest.raises(TypeError, match="topic must be a str"):
+        hub.publish(5, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="set"):
+        hub.publish("t", {1, 2})
+    with pytest.raises(TypeError, match="object"):
+        hub.publish("t", object())
+    with pytest.raises(TypeError, match="topic must be a str"):
+        hub.subscribe(b"t")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Hub(namespace=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Hub(max_message=0)
+
+
+def test_message_over_max_message_raises_value_error() -> None:
+    hub = Hub(max_message=100)
+    hub.publish("t", "x" * 20)
+    with pytest.raises(ValueError, match="max_message"):
+        hub.publish("t", "x" * 200)
+    with pytest.raises(ValueError, match="max_message"):
+        hub.publish("t", b"x" * 200)
+    with pytest.raises(ValueError, match="max_message"):
+        hub.publish("t", ["x" * 200])
+
+
+def test_custom_serializer_replaces_json() -> None:
+    calls: List[Any] = []
+
+    def ser(value: Any) -> bytes:
+        calls.append(value)
+        return repr(sorted(value)).encode()
+
+    hub = Hub(serializer=ser, deserializer=lambda b: set(eval(b.decode())))
+    wire = hub._codec.encode({3, 1})
+    assert hub._codec.decode(wire) == {1, 3}
+    assert calls == [{3, 1}]
+    assert hub._codec.decode(hub._codec.encode("s")) == "s"  # str still travels as itself
+    with pytest.raises(ValueError):
+        Hub(serializer=ser)
+
+
+def test_namespaces_separate_hubs_and_publish_can_target_another() -> None:
+    got: List[Tuple[str, Any]] = []
+    hub = Hub(namespace="a")
+    hub.subscribe("t", lambda m: got.append((m.namespace, m.data)))
+    hub.publish("t", 1)
+    hub.publish("t", 2, namespace="b")  # goes to namespace b: not to this hub's subscribers
+    assert got == [("a", 1)]
+
+
+def test_a_raising_subscriber_does_not_stop_the_others() -> None:
+    errors: List[Tuple[type, str]] = []
+    hub = Hub(on_error=lambda exc, stage: errors.append((type(exc), stage)))
+    got: List[Any] = []
+
+    def bad(msg: Message) -> None:
+        raise KeyError("boom")
+
+    hub.subscribe("t", bad)
+    hub.subscribe("t", lambda m: got.append(m.data))
+    hub.publish("t", "x")
+    assert got == ["x"]
+    assert errors == [(KeyError, "delivery")]
+    assert hub.stats()["errors"] == 1
+
+
+def test_errors_without_on_error_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    hub = Hub()
+    hub.subscribe("t", lambda m: 1 / 0)
+    with caplog.at_level(logging.ERROR, logger="clustersync"):
+        hub.publish("t", "x")
+    assert "delivery" in caplog.text and "ZeroDivisionError" in caplog.text
+
+
+def test_an_on_error_that_raises_is_contained(caplog: pytest.LogCaptureFixture) -> None:
+    def on_error(exc: BaseException, stage: str) -> None:
+        raise RuntimeError("handler broke")
+
+    hub = Hub(on_error=on_error)
+    hub.subscribe("t", lambda m: 1 / 0)
+    with caplog.at_level(logging.ERROR, logger="clustersync"):
+        hub.publish("t", "x")  # does not raise
+    assert "on_error raised" in caplog.text
+
+
+class FailingDriver:
+    def __init__(self, fail_publish: bool = False, fail_subscribe: bool = False) -> None:
+        self.fail_publish = fail_publish
+        self.fail_subscribe = fail_subscribe
+        self.deliver: Any = None
+        self.closed = 0
+
+    def subscribe(self, deliver: Any) -> None:
+        if self.fail_subscribe:
+            raise ConnectionError("backplane down")
+        self.deliver = deliver
+
+    def publish(self, msg: Message) -> None:
+        if self.fail_publish:
+            raise ConnectionError("lost")
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_backplane_failures_reach_on_error_with_their_stage() -> None:
+    errors: List[Tuple[str, str]] = []
+
+    def record(exc: BaseException, stage: str) -> None:
+        errors.append((str(exc), stage))
+
+    down = Hub(sync=lambda hub_id: FailingDriver(fail_subscribe=True), on_error=record)
+    assert errors == [("backplane down", "subscribe")]
+    assert down.wait_ready(0) is False
+
+    driver = FailingDriver(fail_publish=True)
+    hub = Hub(sync=lambda hub_id: driver, on_error=record)
+    got: List[Any] = []
+    hub.subscribe("t", lambda m: got.append(m.data))
+    hub.publish("t", "x")  # does not raise
+    assert got == ["x"]
+    assert errors[-1] == ("lost", "publish")
+
+    # A payload that does not decode is a delivery error, and the hub goes on.
+    driver.deliver(Message("", "t", b"?garbage", "other"))
+    assert errors[-1][1] == "delivery"
+    driver.deliver(Message("", "t", b"sok", "other"))
+    assert got == ["x", "ok"]
+    hub.close()
+    assert driver.closed == 1
+
+
+def test_remote_echo_and_other_namespaces_are_ignored() -> None:
+    driver = FailingDriver()
+    hub = Hub(sync=lambda hub_id: driver)
+    got: List[Any] = []
+    hub.subscribe("t", lambda m: got.append(m.data))
+    driver.deliver(Message("", "t", b"sown", hub.id))
+    driver.deliver(Message("other", "t", b"sns", "x"))
+    driver.deliver(Message("", "t", b"syes", "x"))
+    assert got == ["yes"]
+
+
+def test_close_twice_and_publish_after_close() -> None:
+    hub = Hub()
+    sub = hub.subscribe("t")
+    hub.close()
+    hub.close()
+    assert hub.closed and sub.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        hub.publish("t", "x")
+    with pytest.raises(RuntimeError, match="closed"):
+        hub.subscribe("t")
+    with Hub() as h2:
+        pass
+    assert h2.closed
+
+
+def test_queue_subscription_get_iter_and_timeout() -> None:
+    hub = Hub()
+    sub = hub.subscribe("t")
+    assert isinstance(sub, Subscription)
+    with pytest.raises(TimeoutError):
+        sub.get(timeout=0.01)
+    hub.publish("t", 1)
+    hub.publish("t", 2)
+    assert sub.get(timeout=1).data == 1
+    sub.unsubscribe()
+    sub.unsubscribe()
+    assert [m.data for m in sub] == [2]  # queued messages stay readable, then iteration ends
+    with pytest.raises(SubscriptionClosed):
+        sub.get(timeout=1)
+    hub.publish("t", 3)
+    assert sub.qsize() == 0
+
+
+def test_get_wakes_up_when_another_thread_publishes() -> None:
+    hub = Hub()
+    sub = hub.subscribe("t")
+    t = threading.Thread(target=hub.publish, args=("t", "late"))
+    t.start()
+    assert sub.get(timeout=5).data == "late"
+    t.join()
+
+
+def test_queue_overflow_drops_the_oldest_and_counts() -> None:
+    hub = Hub(queue_size=3)
+    sub = hub.subscribe("t")
+    for i in range(5):
+        hub.publish("t", i)
+    assert sub.dropped == 2 and hub.stats()["dropped"] == 2
+    assert [sub.get(0).data for _ in range(3)] == [2, 3, 4]
+
+
+def test_context_manager_subscription() -> None:
+    hub = Hub()
+    with hub.subscribe("t") as sub:
+        hub.publish("t", 1)
+    assert sub.closed
+    hub.publish("t", 2)
+    assert [m.data for m in sub] == [1]
+
+
+def test_async_for_local() -> None:
+    hub = Hub()
+    sub = hub.subscribe("t")
+
+    async def main() -> List[Any]:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, hub.publish, "t", "a")
+        loop.call_later(0.02, lambda: threading.Thread(target=hub.publish, args=("t", "b")).start())
+        loop.call_later(0.2, sub.unsubscribe)
+        return [m.data async for m in sub]
+
+    assert asyncio.run(asyncio.wait_for(main(), 5)) == ["a", "b"]
+
+
+def test_stats_counts() -> None:
+    hub = Hub()
+    hub.subscribe("t", lambda m: None)
+    hub.subscribe("t")
+    hub.publish("t", 1)
+    hub.publish("u", 1)
+    stats = hub.stats()
+    assert stats["published"] == 2 and stats["delivered"] == 2 and stats["subscriptions"] == 2
+    assert hub.wait_ready(0) is True

@@ -1,0 +1,155 @@
+"""Worker functions for the cluster tests (module level, so spawn can pickle them)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, List, Tuple
+
+from clustersync import Hub, Message, current_worker
+from clustersync.sync import cluster, setup_primary_cluster
+
+
+def _wait(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def exchange(results: Any, barrier: Any, channel: str, count: int, publishers: Any, kind: str) -> None:
+    """Subscribe, publish ``count`` messages if this worker is a publisher, collect what arrives."""
+    me = current_worker()
+    assert me is not None
+    got: List[Tuple[Any, ...]] = []
+    hub = Hub(sync=cluster(channel=channel))
+    hub.subscribe("t", lambda m: got.append((m.origin, m.data)))
+    ready = hub.wait_ready(10)
+    barrier.wait(20)
+    if me.index in publishers:
+        for i in range(count):
+            if kind == "bytes":
+                hub.publish("t", bytes([me.index]) + i.to_bytes(4, "big") + b"\x00\xff" * 8)
+            elif kind == "str":
+                hub.publish("t", f"{me.index}:{i}:é")
+            else:
+                hub.publish("t", {"w": me.index, "i": i})
+    others = [p for p in publishers if p != me.index]
+    expected = count * len(others) + (count if me.index in publishers else 0)
+    _wait(lambda: len(got) >= expected, 30)
+    results.put((me.index, hub.id, ready, got, hub.stats()))
+    barrier.wait(30)  # nobody leaves before everybody has counted (a late duplicate would show)
+    hub.close()
+
+
+def two_hubs(results: Any, barrier: Any) -> None:
+    """Two hubs on one channel in one worker: each gets the other's messages once, not its own twice."""
+    a = Hub(sync=cluster(channel="pair"))
+    b = Hub(sync=cluster(channel="pair"))
+    got_a: List[Any] = []
+    got_b: List[Any] = []
+    a.subscribe("t", lambda m: got_a.append(m.data))
+    b.subscribe("t", lambda m: got_b.append(m.data))
+    assert a.wait_ready(10) and b.wait_ready(10)
+    barrier.wait(20)
+    a.publish("t", "from-a")
+    b.publish("t", "from-b")
+    a.publish("t", "end-a")
+    b.publish("t", "end-b")
+    _wait(lambda: len(got_a) >= 8 and len(got_b) >= 8, 10)
+    results.put((current_worker().index, sorted(got_a), sorted(got_b)))
+    barrier.wait(20)
+    a.close()
+    b.close()
+
+
+def channels(results: Any, barrier: Any) -> None:
+    """Workers 0 and 1 use channel 'a', worker 2 'b'; worker 0 also ends with a marker on 'b'."""
+    me = current_worker().index
+    got: List[Any] = []
+    mine = "b" if me == 2 else "a"
+    hub = Hub(sync=cluster(channel=mine))
+    hub.subscribe("t", lambda m: got.append(m.data))
+    marker = Hub(sync=cluster(channel="b")) if me == 0 else None
+    assert hub.wait_ready(10) and (marker is None or marker.wait_ready(10))
+    barrier.wait(20)
+    if me == 0:
+        for i in range(100):
+            hub.publish("t", f"a{i}")
+        marker.publish("t", "marker")
+    _wait(lambda: (got and got[-1] == "marker") if me == 2 else len(got) >= (100 if me == 1 else 100), 10)
+    results.put((me, got))
+    barrier.wait(20)
+    hub.close()
+    if marker is not None:
+        marker.close()
+
+
+def unicast(results: Any, barrier: Any) -> None:
+    """Worker 0 sends to worker 2 alone, then broadcasts a marker."""
+    me = current_worker().index
+    got: List[Any] = []
+    hub = Hub(sync=cluster(channel="uni"))
+    hub.subscribe("t", lambda m: got.append(m.data))
+    assert hub.wait_ready(10)
+    barrier.wait(20)
+    if me == 0:
+        driver = hub._driver
+        for i in range(10):
+            driver.publish_to(2, Message("", "t", hub._codec.encode(f"direct{i}"), hub.id))
+        hub.publish("t", "marker")
+    else:
+        _wait(lambda: "marker" in got, 10)
+    results.put((me, got))
+    barrier.wait(20)
+    hub.close()
+
+
+def async_iter(results: Any, barrier: Any, count: int) -> None:
+    """Read a subscription with ``async for`` while another worker publishes."""
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="aio"))
+    sub = hub.subscribe("t")
+    assert hub.wait_ready(10)
+    barrier.wait(20)
+    if me == 0:
+        for i in range(count):
+            hub.publish("t", i)
+        results.put((me, None))
+    else:
+
+        async def read() -> List[Any]:
+            out = []
+            async for msg in sub:
+                out.append(msg.data)
+                if len(out) == count:
+                    break
+            return out
+
+        results.put((me, asyncio.run(asyncio.wait_for(read(), 20))))
+    hub.close()
+
+
+def nested_setup(results: Any) -> None:
+    """setup_primary_cluster() in a worker returns None; current_worker() and the env say who we are."""
+    me = current_worker()
+    results.put(
+        (
+            me.index,
+            me.count,
+            me.pid == os.getpid(),
+            setup_primary_cluster() is None,
+            os.environ.get("CLUSTERSYNC_WORKER_ID"),
+            os.environ.get("CLUSTERSYNC_WORKERS"),
+        )
+    )
+
+
+def sleeper(results: Any) -> None:
+    """Report the pid, then block forever (until the pipe to the primary closes)."""
+    results.put(os.getpid())
+    while True:
+        time.sleep(3600)
