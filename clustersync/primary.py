@@ -160,6 +160,7 @@ class Primary:
         self._dirty: List[WorkerHandle] = []
         self._loop_thread: Optional[int] = None
         self._closed = False
+        self._forking: Optional[socket.socket] = None
         self.exited: List[WorkerHandle] = []
         self.unroutable = 0
         #: Called on the loop thread with each worker that exited (after it was reaped).
@@ -209,9 +210,11 @@ class Primary:
             args=(target, args, child, index, count, self._config),
             name=f"clustersync-worker-{index}",
         )
+        self._forking = parent  # a forked child must not keep the primary's end open
         try:
             process.start()
         finally:
+            self._forking = None
             child.close()
         parent.setblocking(False)
         w = WorkerHandle(index, process, parent)
@@ -608,9 +611,12 @@ def _after_fork_in_child() -> None:
     global _primary
     _primary = None
     for p in list(_live_primaries):
-        for w in p._workers.values():
+        socks = [w.sock for w in p._workers.values()]
+        if p._forking is not None:
+            socks.append(p._forking)
+        for sock in socks:
             try:
-                w.sock.close()
+                sock.close()
             except OSError:
                 pass
         p._workers = {}
