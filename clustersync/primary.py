@@ -397,6 +397,10 @@ class Primary:
 
     def _enqueue(self, t: WorkerHandle, frame: Any, count: int) -> None:
         size = len(frame)
+        if t.out_bytes + size > self.max_buffer and t.out and not t.want_write:
+            self._flush(t)  # a large read batch: write what the socket takes before judging
+            if not t.connected:
+                return
         if t.out_bytes + size > self.max_buffer:
             t.dropped += count
             t.dropped_frames += 1

@@ -257,3 +257,60 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.timeout(60)
+def test_slow_worker_drops_only_its_own() -> None:
+    """A stopped worker costs at most max_buffer in the primary; drops are exact and its own.
+
+    24 MiB are sent: more than the kernel buffers of a socket pair (8 MiB here) and max_buffer.
+    """
+    count = 6000
+    max_buffer = 512 * 1024
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    go, again = ctx.Event(), ctx.Event()
+    primary = Primary(start_method="fork", workers=3, max_buffer=max_buffer)
+    handles = []
+    stopped = False
+
+    def collect(kind: str, want: int) -> List[Any]:
+        items: List[Any] = []
+
+        def poll() -> bool:
+            try:
+                while True:
+                    item = results.get_nowait()
+                    assert item[0] == kind, item
+                    items.append(item)
+            except queue.Empty:
+                pass
+            return len(items) >= want
+
+        assert primary.run(poll, timeout=30), f"waited for {want} {kind!r}, got {items}"
+        return items
+
+    try:
+        handles = [primary.fork(workers.slow_consumer, results, go, again, count) for _ in range(3)]
+        collect("ready", 3)
+        os.kill(handles[2].pid, signal.SIGSTOP)
+        stopped = True
+        go.set()
+        done = collect("done", 1)
+        assert done[0][1:] == (1, count + 1)  # the healthy worker got everything
+        stats = {w["index"]: w for w in primary.stats()["workers"]}
+        assert stats[2]["dropped"] > 0 and stats[1]["dropped"] == 0
+        assert stats[2]["buffered"] <= max_buffer
+        os.kill(handles[2].pid, signal.SIGCONT)
+        stopped = False
+        again.set()
+        done = collect("done", 1)
+        stats = {w["index"]: w for w in primary.stats()["workers"] + primary.stats()["exited"]}
+        received = done[0][2]
+        assert received + stats[2]["dropped"] == count + 1  # exact: every message got or counted
+        assert primary.join(20)
+    finally:
+        if stopped:
+            os.kill(handles[2].pid, signal.SIGCONT)
+        primary.close(timeout=5)
+        results.close()

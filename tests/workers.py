@@ -153,3 +153,44 @@ def sleeper(results: Any) -> None:
     results.put(os.getpid())
     while True:
         time.sleep(3600)
+
+
+def slow_consumer(results: Any, go: Any, again: Any, count: int) -> None:
+    """Worker 0 publishes ``count`` 4 KiB messages and "end", then "final" once ``again`` is set.
+
+    Worker 0 paces itself on worker 1's acknowledgements (channel "acks"), so
+    only a stopped worker falls behind. Workers 1 and 2 count what they get;
+    the test stops worker 2 meanwhile.
+    """
+    me = current_worker().index
+    chunk = 200
+    got: List[Any] = []
+    acked: List[Any] = []
+    hub = Hub(sync=cluster(channel="slow"))
+    acks = Hub(sync=cluster(channel="acks")) if me in (0, 1) else None
+    if me == 0:
+        acks.subscribe("ack", lambda m: acked.append(m.data))
+    hub.subscribe("t", lambda m: got.append(m.data))
+    if me == 1:
+        hub.subscribe("t", lambda m: len(got) % chunk == 0 and acks.publish("ack", len(got)))
+    assert hub.wait_ready(10) and (acks is None or acks.wait_ready(10))
+    results.put(("ready", me))
+    if me != 2:  # worker 2 is stopped by the test; it must not wait on a shared lock
+        assert go.wait(20)
+    if me == 0:
+        for i in range(count):
+            hub.publish("t", b"x" * 4096)
+            if (i + 1) % chunk == 0:
+                assert _wait(lambda: len(acked) * chunk >= i + 1, 20)
+        hub.publish("t", "end")
+        assert again.wait(30)
+        hub.publish("t", "final")
+    elif me == 1:
+        _wait(lambda: "end" in got, 30)
+        results.put(("done", me, len(got)))
+    else:
+        _wait(lambda: "final" in got, 30)
+        results.put(("done", me, len(got) - 1))
+    hub.close()
+    if acks is not None:
+        acks.close()
