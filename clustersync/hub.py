@@ -27,7 +27,7 @@ from typing import (
 )
 
 from ._log import RateLimitedLog, logger
-from .codec import Codec, Deserializer, Serializer
+from .codec import TAG_BYTES, TAG_STR, TAG_VALUE, Codec, Deserializer, Serializer
 
 __all__ = ["Hub", "Message", "Subscription", "SubscriptionClosed"]
 
@@ -36,6 +36,7 @@ DEFAULT_QUEUE_SIZE = 10_000
 STAGES = ("subscribe", "publish", "delivery")
 
 _hub_numbers = itertools.count(1)
+_B = b"b"
 _ratelimited = RateLimitedLog()
 
 
@@ -52,6 +53,8 @@ class Message(NamedTuple):
     data: Any
     origin: str = ""
 
+
+_new_message = tuple.__new__  # Message(...) without the Python-level __new__, on hot paths
 
 ErrorHandler = Callable[[BaseException, str], Any]
 Callback = Callable[[Message], Any]
@@ -88,7 +91,7 @@ class Subscription:
         self.maxsize = maxsize
         #: Messages dropped because the queue was full.
         self.dropped = 0
-        self._queue: Deque[Message] = deque()
+        self._queue: Deque[Message] = deque(maxlen=maxsize)
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
@@ -115,27 +118,48 @@ class Subscription:
             else:
                 hub._delivered += 1
             return
+        self._enqueue((msg,))
+
+    def _deliver_many(self, msgs: List[Message]) -> None:
+        callback = self.callback
+        if callback is None:
+            self._enqueue(msgs)
+            return
+        hub = self.hub
+        failed = 0
+        for msg in msgs:
+            try:
+                callback(msg)
+            except Exception as exc:
+                failed += 1
+                hub._report(exc, "delivery")
+        hub._delivered += len(msgs) - failed
+
+    def _enqueue(self, msgs: "Tuple[Message, ...] | List[Message]") -> None:
         with self._cond:
             if self._closed:
                 return
             queue = self._queue
-            if len(queue) >= self.maxsize:
-                queue.popleft()
-                self.dropped += 1
-                hub._dropped += 1
-                _ratelimited(
-                    ("queue", id(self)),
-                    logging.WARNING,
-                    "subscription to %r is full (%d messages): dropped the oldest, %d so far",
-                    self.topic,
-                    self.maxsize,
-                    self.dropped,
-                )
-            queue.append(msg)
-            hub._delivered += 1
+            overflow = len(queue) + len(msgs) - self.maxsize
+            queue.extend(msgs)  # a deque with maxlen: the oldest fall out
+            self.hub._delivered += len(msgs)
+            if overflow > 0:
+                self._overflow(overflow)
             self._cond.notify()
             if self._waiters:
                 self._wake_async()
+
+    def _overflow(self, count: int) -> None:
+        self.dropped += count
+        self.hub._dropped += count
+        _ratelimited(
+            ("queue", id(self)),
+            logging.WARNING,
+            "subscription to %r is full (%d messages): dropped the oldest, %d so far",
+            self.topic,
+            self.maxsize,
+            self.dropped,
+        )
 
     def _wake_async(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -275,11 +299,17 @@ class Hub:
         self._errors = 0
         self._sync_live = False
         self._driver: Any = None
+        self._publish_parts: Optional[Callable[[str, str, bytes], Any]] = None
         self._has_sync = sync is not None
         if sync is not None:
             try:
-                self._driver = sync(self.id)
-                self._driver.subscribe(self._on_remote)
+                driver = self._driver = sync(self.id)
+                # Optional fast paths: whole runs in, encoded parts out, no Message in between.
+                if hasattr(driver, "subscribe_batch"):
+                    driver.subscribe_batch(self._on_remote_batch)
+                else:
+                    driver.subscribe(self._on_remote)
+                self._publish_parts = getattr(driver, "publish_parts", None)
                 self._sync_live = True
             except Exception as exc:
                 self._report(exc, "subscribe")
@@ -307,31 +337,37 @@ class Hub:
             raise TypeError(f"namespace must be a str, not {type(namespace).__name__}")
         driver = self._driver
         kind = type(data)
-        if driver is None and (
-            (kind is str and len(data) * 4 < self.max_message)
-            or (kind is bytes and len(data) < self.max_message)
-        ):
+        if kind is bytes:
+            if len(data) >= self.max_message:
+                self._too_big(len(data) + 1)
+            wire = _B + data if driver is not None else b""
+        elif kind is str and driver is None and len(data) * 4 < self.max_message:
             wire = b""  # local only: nothing to encode
         else:
             wire = self._codec.encode(data)
             if len(wire) > self.max_message:
-                raise ValueError(
-                    f"message of {len(wire)} bytes is over max_message ({self.max_message} bytes)"
-                )
-            if isinstance(data, (bytearray, memoryview)):
+                self._too_big(len(wire))
+            if kind is not str and isinstance(data, (bytearray, memoryview)):
                 data = wire[1:]  # subscribers everywhere see bytes
         self._published += 1
         if namespace == self.namespace:
             subs = self._topics.get(topic)
             if subs:
-                msg = Message(namespace, topic, data, self.id)
+                msg = _new_message(Message, (namespace, topic, data, self.id))
                 for sub in subs:
                     sub._deliver(msg)
         if driver is not None and self._sync_live:
             try:
-                driver.publish(Message(namespace, topic, wire, self.id))
+                fast = self._publish_parts
+                if fast is not None:
+                    fast(namespace, topic, wire)
+                else:
+                    driver.publish(Message(namespace, topic, wire, self.id))
             except Exception as exc:
                 self._report(exc, "publish")
+
+    def _too_big(self, size: int) -> None:
+        raise ValueError(f"message of {size} bytes is over max_message ({self.max_message} bytes)")
 
     # -- subscribing -------------------------------------------------------
 
@@ -380,6 +416,34 @@ class Hub:
         out = Message(msg.namespace, msg.topic, value, msg.origin)
         for sub in subs:
             sub._deliver(out)
+
+    def _on_remote_batch(self, namespace: str, topic: str, origin: str, datas: List[bytes]) -> None:
+        """A batch-aware driver's deliver: many messages of one origin and topic."""
+        if self._closed or namespace != self.namespace or origin == self.id:
+            return
+        self._received += len(datas)
+        subs = self._topics.get(topic)
+        if not subs:
+            return
+        deserialize = self._codec.deserializer
+        msgs = []
+        for data in datas:
+            try:
+                tag = data[0]
+                if tag == TAG_BYTES:
+                    value = data[1:]
+                elif tag == TAG_STR:
+                    value = data[1:].decode("utf-8")
+                elif tag == TAG_VALUE:
+                    value = deserialize(data[1:])
+                else:
+                    raise ValueError(f"unknown payload tag {tag!r}")
+            except Exception as exc:
+                self._report(exc, "delivery")
+                continue
+            msgs.append(_new_message(Message, (namespace, topic, value, origin)))
+        for sub in subs:
+            sub._deliver_many(msgs)
 
     # -- errors --------------------------------------------------------------
 
@@ -457,6 +521,7 @@ class Hub:
                 sub._close()
         driver, self._driver = self._driver, None
         self._sync_live = False
+        self._publish_parts = None
         if driver is not None:
             close = getattr(driver, "close", None)
             if close is not None:

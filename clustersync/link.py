@@ -25,13 +25,15 @@ from .wire import (
     DATA,
     HEADER,
     HEADER_SIZE,
+    META,
     PING,
     PONG,
     READY,
+    SAME_META,
+    SIZE,
     SUB,
     UNSUB,
     ProtocolError,
-    iter_records,
 )
 
 __all__ = ["WorkerLink", "current_link"]
@@ -46,6 +48,10 @@ _current: Optional["WorkerLink"] = None
 _ratelimited = RateLimitedLog()
 
 Deliver = Callable[[Message], Any]
+#: ``deliver_batch(namespace, topic, origin, datas)``: many messages of one origin and topic at once.
+DeliverBatch = Callable[[str, str, str, List[bytes]], Any]
+_pack_size = SIZE.pack
+_pack_meta = META.pack
 
 
 def current_link() -> Optional["WorkerLink"]:
@@ -76,7 +82,8 @@ class WorkerLink:
         self.max_message = max_message
         self.out_limit = out_limit
         self.publish_block = publish_block
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         # Pending runs, in publish order: [kind, channel, dest, body, count].
         self._runs: List[List[Any]] = []
         self._pending = 0  # bytes in _runs
@@ -85,7 +92,7 @@ class WorkerLink:
         self._space_waiters = 0
         self._closing = False
         self._closed = False
-        self._members: Dict[bytes, Tuple[Tuple[bytes, Deliver], ...]] = {}
+        self._members: Dict[bytes, Tuple[Tuple[bytes, DeliverBatch], ...]] = {}
         self._subs_sent: Dict[bytes, int] = {}
         self._acks: Dict[bytes, int] = {}
         self.frames_out = 0
@@ -102,7 +109,7 @@ class WorkerLink:
 
     # -- membership --------------------------------------------------------
 
-    def add_member(self, channel: bytes, hub_id: bytes, deliver: Deliver) -> int:
+    def add_member(self, channel: bytes, hub_id: bytes, deliver: DeliverBatch) -> int:
         """Route ``channel`` to ``deliver`` (skipping ``hub_id``'s own messages).
 
         Returns the sequence number :meth:`wait_acked` waits for.
@@ -134,57 +141,70 @@ class WorkerLink:
 
     # -- writing -----------------------------------------------------------
 
-    def publish(self, channel: bytes, dest: int, record: bytes) -> None:
-        """Queue one message record for ``dest`` (a worker index or BROADCAST).
+    def publish(self, channel: bytes, dest: int, origin: bytes, ns: bytes, topic: bytes, data: bytes) -> None:
+        """Queue one message for ``dest`` (a worker index or BROADCAST).
 
-        Waits up to ``publish_block`` seconds when the outgoing buffer is
-        full, then raises ``BufferError`` (the message is dropped and counted).
+        Consecutive messages to the same channel and destination share a
+        frame; consecutive ones with the same (identical) origin, namespace
+        and topic objects share their metadata. Waits up to
+        ``publish_block`` seconds when the outgoing buffer is full, then
+        raises ``BufferError`` (the message is dropped and counted).
         """
-        size = len(record)
-        with self._cond:
+        size = len(data)
+        with self._lock:  # the Condition's own lock: entered without a Python-level call
             if self._closed:
                 raise RuntimeError("the connection to the primary is closed")
             if self._pending + self._inflight + size > self.out_limit and self._pending:
-                self._space_waiters += 1
-                try:
-                    ok = self._cond.wait_for(
-                        lambda: self._pending + self._inflight + size <= self.out_limit
-                        or not self._pending
-                        or self._closed,
-                        self.publish_block,
-                    )
-                finally:
-                    self._space_waiters -= 1
-                if not ok:
-                    self.dropped += 1
-                    raise BufferError(
-                        f"outgoing buffer to the primary is full ({self.out_limit} bytes): message dropped"
-                    )
-                if self._closed:
-                    raise RuntimeError("the connection to the primary is closed")
+                self._wait_for_room(size)
             runs = self._runs
             if runs:
                 last = runs[-1]
-                if (
-                    last[0] == DATA
-                    and last[2] == dest
-                    and last[1] == channel
-                    and len(last[3]) + size <= FRAME_TARGET
-                ):
-                    last[3] += record
+                body = last[3]
+                if last[1] == channel and last[2] == dest and last[0] == DATA and len(body) < FRAME_TARGET:
+                    if last[5] is origin and last[6] is ns and last[7] is topic:
+                        body += _pack_size(size | SAME_META)
+                    else:
+                        body += _pack_size(size) + _pack_meta(len(origin), len(ns), len(topic)) + origin + ns + topic
+                        last[5] = origin
+                        last[6] = ns
+                        last[7] = topic
+                    body += data
                     last[4] += 1
                     self._pending += size
                     return
-            runs.append([DATA, channel, dest, bytearray(record), 1])
+            body = bytearray(_pack_size(size) + _pack_meta(len(origin), len(ns), len(topic)))
+            body += origin + ns + topic
+            body += data
+            runs.append([DATA, channel, dest, body, 1, origin, ns, topic])
             self._pending += size
             if self._writer_waiting:
                 self._cond.notify_all()
+
+    def _wait_for_room(self, size: int) -> None:
+        """With the lock held: wait for room in the outgoing buffer, or raise ``BufferError``."""
+        self._space_waiters += 1
+        try:
+            ok = self._cond.wait_for(
+                lambda: self._pending + self._inflight + size <= self.out_limit
+                or not self._pending
+                or self._closed,
+                self.publish_block,
+            )
+        finally:
+            self._space_waiters -= 1
+        if not ok:
+            self.dropped += 1
+            raise BufferError(
+                f"outgoing buffer to the primary is full ({self.out_limit} bytes): message dropped"
+            )
+        if self._closed:
+            raise RuntimeError("the connection to the primary is closed")
 
     def _control(self, kind: int, channel: bytes = b"", count: int = 0) -> None:
         with self._cond:
             if self._closed:
                 return
-            self._runs.append([kind, channel, BROADCAST, b"", count])
+            self._runs.append([kind, channel, BROADCAST, b"", count, None, None, None])
             if self._writer_waiting:
                 self._cond.notify_all()
 
@@ -212,7 +232,7 @@ class WorkerLink:
                 self._pending = 0
             parts: List[Any] = []
             messages = 0
-            for kind, channel, dest, body, count in runs:
+            for kind, channel, dest, body, count, _o, _n, _t in runs:
                 parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
                 parts.append(channel)
                 parts.append(body)
@@ -279,19 +299,56 @@ class WorkerLink:
         self._on_eof()
 
     def _dispatch(self, channel: bytes, body: bytes) -> None:
+        """Hand the records of one DATA frame to the channel's hubs, a run of one topic at a time."""
         members = self._members.get(channel)
         if not members:
             return
-        for origin, ns, topic, data in iter_records(body):
-            self.messages_in += 1
-            origin_s = origin.decode()
-            msg = Message(ns.decode(), topic.decode(), data, origin_s)
-            for hub_id, deliver in members:
-                if hub_id != origin:
-                    try:
-                        deliver(msg)
-                    except Exception:  # the hub contains its own errors; this is a last guard
-                        _ratelimited("deliver", logging.ERROR, "delivery failed", exc_info=True)
+        unpack_size = SIZE.unpack_from
+        unpack_meta = META.unpack_from
+        end = len(body)
+        pos = 0
+        meta = None
+        batch: List[bytes] = []
+        while pos < end:
+            (size,) = unpack_size(body, pos)
+            pos += 4
+            if size & SAME_META:
+                if meta is None:
+                    raise ProtocolError("the first record of a frame has no metadata")
+                size &= ~SAME_META
+            else:
+                if batch:
+                    self._deliver(members, meta, batch)
+                    batch = []
+                olen, nlen, tlen = unpack_meta(body, pos)
+                pos += 5
+                o_end = pos + olen
+                n_end = o_end + nlen
+                t_end = n_end + tlen
+                if t_end > end:
+                    raise ProtocolError("record metadata runs past the end of its frame")
+                meta = (body[pos:o_end], body[o_end:n_end], body[n_end:t_end])
+                pos = t_end
+            stop = pos + size
+            if stop > end:
+                raise ProtocolError("record runs past the end of its frame")
+            batch.append(body[pos:stop])
+            pos = stop
+        if batch:
+            self._deliver(members, meta, batch)
+
+    def _deliver(self, members: Tuple[Tuple[bytes, DeliverBatch], ...], meta: Any, batch: List[bytes]) -> None:
+        origin, ns, topic = meta
+        self.messages_in += len(batch)
+        origin_s = origin.decode()
+        ns_s = ns.decode()
+        topic_s = topic.decode()
+        for hub_id, deliver in members:
+            if hub_id != origin:
+                try:
+                    deliver(ns_s, topic_s, origin_s, batch)
+                except Exception:  # the hub contains its own errors; this is a last guard
+                    _ratelimited("deliver", logging.ERROR, "delivery failed", exc_info=True)
 
     def _on_eof(self) -> None:
         with self._cond:

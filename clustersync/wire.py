@@ -10,10 +10,13 @@ worker's index, ``dest`` a worker index or ``BROADCAST``, ``count`` the number
 of messages in a DATA frame (so the primary can count drops without decoding
 anything). The primary routes on the header and the channel alone.
 
-A DATA frame's body is one or more message records::
+A DATA frame's body is one or more message records. A record starts with
+``<I size>``. If its top bit (``SAME_META``) is set, the record is
+``size & ~SAME_META`` bytes of data with the same origin, namespace and topic
+as the record before it in this frame. Otherwise the data (``size`` bytes)
+follows its metadata::
 
-    <I data_len> <B origin_len> <H namespace_len> <H topic_len>
-    origin namespace topic data
+    <I size> <B origin_len> <H namespace_len> <H topic_len> origin namespace topic data
 
 Only the workers read records.
 """
@@ -25,7 +28,9 @@ from typing import Iterator, Tuple
 
 __all__ = [
     "HEADER",
-    "RECORD",
+    "SIZE",
+    "META",
+    "SAME_META",
     "BROADCAST",
     "DATA",
     "SUB",
@@ -41,7 +46,9 @@ __all__ = [
 ]
 
 HEADER = struct.Struct("<IBBHHI")
-RECORD = struct.Struct("<IBHH")
+SIZE = struct.Struct("<I")
+META = struct.Struct("<BHH")
+SAME_META = 0x80000000
 HEADER_SIZE = HEADER.size
 BROADCAST = 0xFFFF
 MAX_WORKERS = 0xFFFE
@@ -74,10 +81,13 @@ def pack_frame(
     )
 
 
-def pack_record(origin: bytes, namespace: bytes, topic: bytes, data: bytes) -> bytes:
-    """Return one message record for a DATA frame's body."""
+def pack_record(origin: bytes, namespace: bytes, topic: bytes, data: bytes, same: bool = False) -> bytes:
+    """Return one message record; ``same``: reuse the previous record's metadata."""
+    if same:
+        return SIZE.pack(len(data) | SAME_META) + data
     return (
-        RECORD.pack(len(data), len(origin), len(namespace), len(topic))
+        SIZE.pack(len(data))
+        + META.pack(len(origin), len(namespace), len(topic))
         + origin
         + namespace
         + topic
@@ -92,21 +102,32 @@ def iter_records(body: bytes, start: int = 0) -> Iterator[Tuple[bytes, bytes, by
     """
     end = len(body)
     pos = start
-    unpack = RECORD.unpack_from
-    rsize = RECORD.size
+    meta = None
     while pos < end:
-        if end - pos < rsize:
-            raise ProtocolError("truncated record header")
-        data_len, olen, nlen, tlen = unpack(body, pos)
-        pos += rsize
-        stop = pos + olen + nlen + tlen + data_len
+        if end - pos < SIZE.size:
+            raise ProtocolError("truncated record size")
+        (size,) = SIZE.unpack_from(body, pos)
+        pos += SIZE.size
+        if size & SAME_META:
+            if meta is None:
+                raise ProtocolError("the first record of a frame has no metadata")
+            size &= ~SAME_META
+        else:
+            if end - pos < META.size:
+                raise ProtocolError("truncated record metadata")
+            olen, nlen, tlen = META.unpack_from(body, pos)
+            pos += META.size
+            if pos + olen + nlen + tlen > end:
+                raise ProtocolError("record metadata runs past the end of its frame")
+            origin = body[pos : pos + olen]
+            pos += olen
+            ns = body[pos : pos + nlen]
+            pos += nlen
+            topic = body[pos : pos + tlen]
+            pos += tlen
+            meta = (origin, ns, topic)
+        stop = pos + size
         if stop > end:
             raise ProtocolError("record runs past the end of its frame")
-        o = body[pos : pos + olen]
-        pos += olen
-        n = body[pos : pos + nlen]
-        pos += nlen
-        t = body[pos : pos + tlen]
-        pos += tlen
-        yield o, n, t, body[pos:stop]
+        yield meta[0], meta[1], meta[2], body[pos:stop]
         pos = stop

@@ -7,12 +7,12 @@ primary. Outside such a worker, ``subscribe`` raises ``RuntimeError``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..hub import Message
-from ..wire import BROADCAST, MAX_WORKERS, RECORD
+from ..link import DeliverBatch, WorkerLink, current_link
+from ..wire import BROADCAST, MAX_WORKERS
 from .base import Deliver, DriverFactory, check_channel
-from ..link import WorkerLink, current_link
 
 __all__ = ["cluster", "ClusterDriver"]
 
@@ -33,36 +33,57 @@ class ClusterDriver:
         self._chan = channel.encode()
         self._link: Optional[WorkerLink] = None
         self._seq = 0
+        self._encoded: Dict[str, bytes] = {}
 
     def subscribe(self, deliver: Deliver) -> None:
         """Join the channel; raises ``RuntimeError`` outside a worker."""
+
+        def deliver_batch(namespace: str, topic: str, origin: str, datas: List[bytes]) -> None:
+            for data in datas:
+                deliver(Message(namespace, topic, data, origin))
+
+        self.subscribe_batch(deliver_batch)
+
+    def subscribe_batch(self, deliver_batch: DeliverBatch) -> None:
+        """Join the channel, taking messages a run at a time: ``deliver_batch(namespace, topic, origin, datas)``."""
         link = current_link()
         if link is None:
             raise RuntimeError(_NOT_A_WORKER)
-        self._seq = link.add_member(self._chan, self._hid, deliver)
+        self._seq = link.add_member(self._chan, self._hid, deliver_batch)
         self._link = link
 
-    def _record(self, msg: Message) -> bytes:
-        data = msg.data
-        ns = msg.namespace.encode()
-        topic = msg.topic.encode()
-        return RECORD.pack(len(data), len(self._hid), len(ns), len(topic)) + self._hid + ns + topic + data
+    def _names(self, name: str) -> bytes:
+        """The UTF-8 bytes of a topic or namespace, one shared object per name (the link batches on identity)."""
+        encoded = self._encoded.get(name)
+        if encoded is None:
+            if len(self._encoded) >= 4096:
+                self._encoded.clear()
+            encoded = self._encoded[name] = name.encode()
+        return encoded
+
+    def publish_parts(self, namespace: str, topic: str, data: bytes, dest: int = BROADCAST) -> None:
+        """Send one encoded message without building a ``Message`` (the hub's fast path)."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        names = self._encoded
+        ns = names.get(namespace)
+        if ns is None:
+            ns = self._names(namespace)
+        tp = names.get(topic)
+        if tp is None:
+            tp = self._names(topic)
+        link.publish(self._chan, dest, self._hid, ns, tp, data)
 
     def publish(self, msg: Message) -> None:
         """Send ``msg`` to every other hub on the channel."""
-        link = self._link
-        if link is None:
-            raise RuntimeError(_NOT_A_WORKER)
-        link.publish(self._chan, BROADCAST, self._record(msg))
+        self.publish_parts(msg.namespace, msg.topic, msg.data)
 
     def publish_to(self, worker: int, msg: Message) -> None:
         """Send ``msg`` to the hubs on the channel in worker ``worker`` only."""
-        link = self._link
-        if link is None:
-            raise RuntimeError(_NOT_A_WORKER)
         if not isinstance(worker, int) or not 0 <= worker < MAX_WORKERS:
             raise ValueError(f"worker must be a worker index, not {worker!r}")
-        link.publish(self._chan, worker, self._record(msg))
+        self.publish_parts(msg.namespace, msg.topic, msg.data, worker)
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """True once the primary routes the channel to this worker."""
