@@ -35,7 +35,9 @@ def worker(everyone_subscribed: Any) -> None:
         while len(received) < expected and time.monotonic() < deadline:
             time.sleep(0.01)
     got = sorted((m["from"], m["n"]) for m in received)
-    print(f"worker {me.index} (pid {me.pid}) received {len(received)} of {expected}: {got}", flush=True)
+    line = f"worker {me.index} (pid {me.pid}) received {len(received)} of {expected}: {got}\n"
+    sys.stdout.write(line)  # one write per line: the workers share stdout
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
