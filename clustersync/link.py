@@ -31,6 +31,7 @@ from .wire import (
     READY,
     SAME_META,
     SIZE,
+    STOP,
     SUB,
     UNSUB,
     ProtocolError,
@@ -103,9 +104,10 @@ class WorkerLink:
         self._writer = threading.Thread(target=self._write_loop, name="clustersync-writer", daemon=True)
 
     def start(self) -> None:
-        """Start the reader and writer threads."""
+        """Start the reader and writer threads, and say hello (the primary's liveness clock starts)."""
         self._reader.start()
         self._writer.start()
+        self._control(PONG)
 
     # -- membership --------------------------------------------------------
 
@@ -292,6 +294,8 @@ class WorkerLink:
                             self._cond.notify_all()
                     elif kind == PING:
                         self._control(PONG, b"", count)
+                    elif kind == STOP:
+                        self._on_stop()
                     off = end
                 del buf[:off]
         except ProtocolError as exc:
@@ -349,6 +353,11 @@ class WorkerLink:
                     deliver(ns_s, topic_s, origin_s, batch)
                 except Exception:  # the hub contains its own errors; this is a last guard
                     _ratelimited("deliver", logging.ERROR, "delivery failed", exc_info=True)
+
+    def _on_stop(self) -> None:
+        """The primary asks this worker to stop; all it sent before is delivered. SIGTERM ourselves."""
+        logger.info("worker %d (pid %d): stop requested by the primary", self.index, os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _on_eof(self) -> None:
         with self._cond:

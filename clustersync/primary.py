@@ -31,8 +31,10 @@ from .wire import (
     HEADER_SIZE,
     KINDS,
     MAX_WORKERS,
+    PING,
     PONG,
     READY,
+    STOP,
     SUB,
     UNSUB,
     pack_frame,
@@ -76,6 +78,7 @@ class WorkerHandle:
         self.dropped = 0
         self.dropped_frames = 0
         self.last_seen = self.started
+        self.pong = 0  # the highest ping number this worker answered
 
     @property
     def exitcode(self) -> Optional[int]:
@@ -115,7 +118,10 @@ class Primary:
     (default: the number forked so far). ``max_buffer`` bounds each worker's
     output buffer in the primary; ``max_message`` the largest message;
     ``out_limit`` each worker's own outgoing buffer, where ``publish`` waits
-    up to ``publish_block`` seconds for room before dropping.
+    up to ``publish_block`` seconds for room before dropping. With
+    ``timeout``, a worker that has not been heard from for that many seconds
+    (it answers pings from its I/O thread, so only a stopped process or one
+    whose GIL is held stays silent) is killed.
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class Primary:
         out_limit: int = DEFAULT_OUT_LIMIT,
         publish_block: float = 1.0,
         graceful_timeout: float = 10.0,
+        timeout: Optional[float] = None,
     ) -> None:
         if start_method not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', not {start_method!r}")
@@ -142,6 +149,12 @@ class Primary:
         self.max_buffer = max_buffer
         self.max_message = max_message
         self.graceful_timeout = graceful_timeout
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds, or None")
+        #: Liveness: a worker silent for this long (no frame, no answer to a ping) is killed.
+        self.timeout = timeout
+        self._next_liveness = 0.0
+        self._pings = 0
         self._max_body = max_message + 256 * 1024 + 2 * 65535
         self._config = {
             "max_message": max_message,
@@ -282,6 +295,8 @@ class Primary:
                 self._reap(w)
             else:
                 self._drain_wake()
+        if self.timeout is not None:
+            self._check_liveness()
         dirty = self._dirty
         if dirty:
             self._dirty = []
@@ -289,6 +304,40 @@ class Primary:
                 w.dirty = False
                 if w.connected and not w.want_write:
                     self._flush(w)
+
+    def ping(self, w: WorkerHandle) -> int:
+        """Send ``w`` a ping; return its number. Its answer comes after everything ``w`` published before."""
+        self._pings += 1
+        self._enqueue_control(w, pack_frame(PING, b"", 0xFFFF, w.index, count=self._pings))
+        return self._pings
+
+    def _check_liveness(self) -> None:
+        """Ping the workers every timeout/4; kill one silent for longer than the timeout."""
+        now = time.monotonic()
+        if now < self._next_liveness:
+            return
+        timeout = self.timeout
+        assert timeout is not None
+        self._next_liveness = now + timeout / 4
+        for w in list(self._workers.values()):
+            if not w.connected or not w.bytes_in:
+                continue  # not booted yet: the clock starts with the worker's hello
+            silent = now - w.last_seen
+            if silent > timeout:
+                logger.error(
+                    "worker %d (pid %d) did not answer for %.1f s (timeout %.1f s): killing it",
+                    w.index,
+                    w.pid,
+                    silent,
+                    timeout,
+                )
+                self._disconnect(w)
+                try:
+                    w.process.kill()
+                except Exception:
+                    pass
+            else:
+                self.ping(w)
 
     def _drain_wake(self) -> None:
         try:
@@ -361,7 +410,7 @@ class Primary:
                     self.unroutable += count
             else:
                 chan = bytes(buf[off + HEADER_SIZE : off + HEADER_SIZE + clen])
-                self._control(w, kind, chan)
+                self._control(w, kind, chan, count)
             off = end
         if off == n:
             w.inbuf = bytearray()
@@ -370,7 +419,7 @@ class Primary:
         else:
             w.inbuf = bytearray(memoryview(buf)[off:])
 
-    def _control(self, w: WorkerHandle, kind: int, chan: bytes) -> None:
+    def _control(self, w: WorkerHandle, kind: int, chan: bytes, count: int) -> None:
         if kind == SUB:
             w.channels[chan] = w.channels.get(chan, 0) + 1
             self._routes.setdefault(chan, {})[w] = w.channels[chan]
@@ -393,7 +442,7 @@ class Primary:
                 if self.on_worker_ready is not None:
                     self.on_worker_ready(w)
         elif kind == PONG:
-            pass  # last_seen was updated by the read
+            w.pong = max(w.pong, count)  # last_seen was updated by the read
 
     def _enqueue(self, t: WorkerHandle, frame: Any, count: int) -> None:
         size = len(frame)
@@ -488,6 +537,13 @@ class Primary:
         if not w.connected:
             return
         w.connected = False
+        if w.inbuf:
+            logger.error(
+                "worker %d (pid %d) closed its pipe in the middle of a frame: %d bytes discarded",
+                w.index,
+                w.pid,
+                len(w.inbuf),
+            )
         for chan in w.channels:
             subs = self._routes.get(chan)
             if subs is not None:
@@ -506,11 +562,7 @@ class Primary:
 
     def _reap(self, w: WorkerHandle) -> None:
         """The process ended: route what it wrote before exiting, then forget it."""
-        while w.connected:
-            before = w.bytes_in
-            self._read(w)
-            if w.bytes_in == before:
-                break
+        self._drain(w)
         self._disconnect(w)
         try:
             self._sel.unregister(w.process.sentinel)
@@ -528,27 +580,54 @@ class Primary:
 
     # -- stopping ----------------------------------------------------------
 
-    def stop_workers(self, timeout: Optional[float] = None) -> bool:
-        """SIGTERM every worker, relay until they exit or ``timeout`` passes, SIGKILL the rest.
+    def request_stop(self, w: WorkerHandle) -> None:
+        """Ask ``w`` to stop once it has everything routed to it so far.
 
-        Returns True if all exited before the timeout.
+        A STOP frame goes after the frames already queued for it; the worker
+        SIGTERMs itself when it reads it. A worker whose pipe is gone gets
+        SIGTERM directly.
         """
-        timeout = self.graceful_timeout if timeout is None else timeout
-        for w in list(self._workers.values()):
+        if w.connected:
+            self._enqueue_control(w, pack_frame(STOP, b"", 0xFFFF, w.index))
+            self._flush(w)
+        if not w.connected:
             try:
                 w.process.terminate()
             except Exception:
                 pass
+
+    def stop_workers(self, timeout: Optional[float] = None) -> bool:
+        """Stop every worker: STOP after its pending frames, relay until they exit, SIGKILL after ``timeout``.
+
+        Returns True if all exited before the timeout.
+        """
+        graceful = self.graceful_timeout if timeout is None else timeout
+        deadline = time.monotonic() + graceful
+        # Phase 1: a ping to each worker; its answer follows all it published before the stop began.
+        asked = {w: self.ping(w) for w in self._workers.values() if w.connected}
+        self.run(lambda: all(w.pong >= n or not w.connected for w, n in asked.items()), min(graceful / 2, 5.0))
+        # Phase 2: STOP, queued behind everything routed to each worker.
+        for w in list(self._workers.values()):
+            self.request_stop(w)
+        timeout = max(0.0, deadline - time.monotonic())
         clean = self.run(lambda: not self._workers, timeout)
         if not clean:
             for w in list(self._workers.values()):
-                logger.warning("worker %d (pid %d) did not stop in %.1f s: killing it", w.index, w.pid, timeout)
+                logger.warning("worker %d (pid %d) did not stop in %.1f s: killing it", w.index, w.pid, graceful)
                 try:
                     w.process.kill()
                 except Exception:
                     pass
             self.run(lambda: not self._workers, 5.0)
         return clean
+
+    def _drain(self, w: WorkerHandle) -> None:
+        """Read and route everything ``w`` has written so far."""
+        while w.connected:
+            before = w.bytes_in
+            self._read(w)
+            if w.bytes_in == before:
+                break
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Stop the workers (SIGTERM, then SIGKILL after ``timeout``) and release everything."""

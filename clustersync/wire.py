@@ -39,6 +39,7 @@ __all__ = [
     "PING",
     "PONG",
     "READY",
+    "STOP",
     "ProtocolError",
     "pack_frame",
     "pack_record",
@@ -61,7 +62,8 @@ ACK = 4  # primary -> worker: SUB seen; the channel is live for this worker
 PING = 5  # primary -> worker: are you alive?
 PONG = 6  # worker -> primary: yes
 READY = 7  # worker -> primary: the application says it is ready
-KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY})
+STOP = 8  # primary -> worker: everything before this frame is delivered; stop now
+KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY, STOP})
 
 
 class ProtocolError(ValueError):

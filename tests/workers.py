@@ -194,3 +194,75 @@ def slow_consumer(results: Any, go: Any, again: Any, count: int) -> None:
     hub.close()
     if acks is not None:
         acks.close()
+
+
+def garbage(results: Any, mode: str) -> None:
+    """Write bytes that break the wire format straight to the pipe, then wait to be stopped."""
+    import random
+    import struct
+
+    from clustersync.link import current_link
+    from clustersync.wire import DATA, HEADER
+
+    me = current_worker().index
+    sock = current_link()._sock
+    if mode == "random":
+        sock.sendall(random.Random(1234).randbytes(4096))
+    elif mode == "huge":
+        sock.sendall(HEADER.pack(0xFFFFFFF0, DATA, 1, me, 0xFFFF, 1) + b"c" + b"\0" * 64)
+    elif mode == "origin":
+        sock.sendall(HEADER.pack(1, DATA, 1, me + 1, 0xFFFF, 1) + b"c")
+    elif mode == "truncated":
+        sock.sendall(HEADER.pack(100, DATA, 1, me, 0xFFFF, 1) + b"c" + b"\0" * 9)
+        results.put(("sent", me))
+        os._exit(0)  # the pipe closes mid-frame
+    else:
+        raise ValueError(mode)
+    results.put(("sent", me))
+    while True:
+        time.sleep(3600)
+
+
+def pair(results: Any, barrier: Any, count: int) -> None:
+    """Two workers exchange ``count`` messages each and report what they got."""
+    exchange(results, barrier, "pair", count, [0, 1], "json")
+
+
+def hang(results: Any, how: str) -> None:
+    """Say hello, then hang: in a C loop that holds the GIL, or by SIGSTOP from the test."""
+    hub = Hub(sync=cluster(channel="hang"))
+    assert hub.wait_ready(10)
+    results.put(("hanging", os.getpid()))
+    if how == "gil":
+        sum(range(10**13))  # one C call: the I/O threads never get the GIL back
+    while True:
+        time.sleep(3600)
+
+
+def stream(results: Any, published: Any, ready: Any) -> None:
+    """Worker 0 publishes numbered messages until stopped; the others record them until stopped."""
+    import signal as _signal
+
+    me = current_worker().index
+    stop = []
+    _signal.signal(_signal.SIGTERM, lambda *a: stop.append(1))
+    got: List[int] = []
+    hub = Hub(sync=cluster(channel="stream"))
+    hub.subscribe("n", lambda m: got.append(m.data))
+    assert hub.wait_ready(10)
+    ready.put(me)
+    if me == 0:
+        i = 0
+        while not stop:
+            hub.publish("n", i)
+            i += 1
+            if i % 500 == 0:
+                published.value = i
+                time.sleep(0.001)
+        results.put((me, i))
+    else:
+        while not stop:
+            time.sleep(0.005)
+        # A summary, not the list: a large result would fill the queue's pipe before the test reads it.
+        results.put((me, (len(got), got == list(range(len(got))))))
+    hub.close()

@@ -1,0 +1,142 @@
+"""Faults at the relay: garbage on a pipe, hung workers, stop during traffic."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from typing import Any, Dict, List
+
+import pytest
+
+from clustersync.primary import Primary
+
+from . import workers
+from .test_cluster import check_exchange
+
+
+def _drain_queue(q: Any, out: List[Any]) -> None:
+    try:
+        while True:
+            out.append(q.get_nowait())
+    except queue.Empty:
+        pass
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["random", "huge", "origin", "truncated"])
+def test_garbage_on_a_pipe_drops_that_worker_only(mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    bad_q = ctx.Queue()
+    barrier = ctx.Barrier(2)
+    primary = Primary(start_method="fork", workers=3)
+    got: List[Any] = []
+    try:
+        with caplog.at_level(logging.ERROR, logger="clustersync"):
+            primary.fork(workers.pair, results, barrier, 3000)
+            primary.fork(workers.pair, results, barrier, 3000)
+            bad = primary.fork(workers.garbage, bad_q, mode)
+
+            def done() -> bool:
+                _drain_queue(results, got)
+                return len(got) == 2 and bad.index not in {w.index for w in primary.workers}
+
+            assert primary.run(done, timeout=40), f"reported: {[g[0] for g in got]}"
+            assert primary.join(20)
+    finally:
+        primary.close(timeout=5)
+    out: Dict[Any, Any] = {item[0]: item for item in got}
+    out["stats"] = primary.stats()
+    check_exchange(out, 2, 3000, [0, 1], "json")  # the others saw nothing wrong
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "worker 2" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert ("middle of a frame" if mode == "truncated" else "malformed frame") in errors[0].getMessage()
+    if mode != "truncated":
+        assert bad.exitcode == -signal.SIGKILL
+
+
+def test_huge_length_is_rejected_before_reading_the_body() -> None:
+    """A header claiming 4 GiB is judged on the header alone: nothing waits for (or allocates) the body."""
+    from clustersync.wire import DATA, HEADER
+
+    primary = Primary(start_method="fork")
+    try:
+        assert HEADER.pack(0xFFFFFFF0, DATA, 1, 0, 0xFFFF, 1)[:4] == b"\xf0\xff\xff\xff"
+        assert primary._max_body < 64 * 1024 * 1024
+    finally:
+        primary.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["gil", "stop"])
+def test_a_hung_worker_is_killed_within_the_timeout(how: str) -> None:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.SimpleQueue()  # put() writes at once: no feeder thread that a held GIL would block
+    primary = Primary(start_method="fork", timeout=1.0)
+    try:
+        w = primary.fork(workers.hang, results, how)
+        assert primary.run(lambda: not results.empty(), timeout=10)
+        assert results.get()[0] == "hanging"
+        started = time.monotonic()
+        if how == "stop":
+            os.kill(w.pid, signal.SIGSTOP)
+        assert primary.join(timeout=5)
+        elapsed = time.monotonic() - started
+        assert w.exitcode == -signal.SIGKILL
+        assert elapsed < 1.0 + 1.0 + 0.5, elapsed  # timeout, plus one second, plus slack for a loaded machine
+    finally:
+        primary.close(timeout=2)
+
+
+@pytest.mark.timeout(30)
+def test_without_a_timeout_nothing_is_killed() -> None:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.SimpleQueue()
+    primary = Primary(start_method="fork")
+    w = None
+    try:
+        w = primary.fork(workers.hang, results, "stop")
+        assert primary.run(lambda: not results.empty(), timeout=10)
+        os.kill(w.pid, signal.SIGSTOP)
+        assert primary.run(lambda: not primary.workers, timeout=2.5) is False  # observation window
+        assert w.is_alive()
+    finally:
+        if w is not None:
+            os.kill(w.pid, signal.SIGCONT)
+        primary.close(timeout=2)
+
+
+@pytest.mark.timeout(60)
+def test_graceful_stop_delivers_what_was_published_before_it() -> None:
+    ctx = multiprocessing.get_context("fork")
+    results, ready = ctx.Queue(), ctx.Queue()
+    published = ctx.Value("q", 0, lock=False)
+    primary = Primary(start_method="fork", workers=3)
+    got: List[Any] = []
+    try:
+        for _ in range(3):
+            primary.fork(workers.stream, results, published, ready)
+        seen: List[Any] = []
+        assert primary.run(lambda: _drain_queue(ready, seen) or len(seen) == 3, timeout=20)
+        assert primary.run(lambda: published.value >= 20_000, timeout=30)
+        before_stop = published.value
+        assert primary.stop_workers(timeout=20), "a worker had to be killed"
+        _drain_queue(results, got)
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the queue's feeder threads of exited workers have flushed by now
+            _drain_queue(results, got)
+    finally:
+        primary.close(timeout=5)
+    out = {item[0]: item[1] for item in got}
+    assert set(out) == {0, 1, 2}
+    total = out[0]
+    for index in (1, 2):
+        count, in_order = out[index]
+        assert in_order, "a gap or reordering"
+        assert count >= before_stop, (count, before_stop)
+        assert count <= total
