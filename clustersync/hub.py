@@ -442,8 +442,12 @@ class Hub:
                 self._report(exc, "delivery")
                 continue
             msgs.append(_new_message(Message, (namespace, topic, value, origin)))
-        for sub in subs:
-            sub._deliver_many(msgs)
+        if len(subs) == 1:
+            subs[0]._deliver_many(msgs)
+        else:  # message by message, as local delivery does: each message reaches every subscriber first
+            for msg in msgs:
+                for sub in subs:
+                    sub._deliver(msg)
 
     # -- errors --------------------------------------------------------------
 

@@ -134,6 +134,7 @@ def test_graceful_stop_delivers_what_was_published_before_it() -> None:
         primary.close(timeout=5)
     out = {item[0]: item[1] for item in got}
     assert set(out) == {0, 1, 2}
+    assert primary.stats()["dropped"] == 0
     total = out[0]
     for index in (1, 2):
         count, in_order = out[index]

@@ -268,3 +268,13 @@ def test_stats_counts() -> None:
     stats = hub.stats()
     assert stats["published"] == 2 and stats["delivered"] == 2 and stats["subscriptions"] == 2
     assert hub.wait_ready(0) is True
+
+
+def test_a_remote_batch_reaches_subscribers_message_by_message() -> None:
+    hub = Hub()
+    order: List[str] = []
+    hub.subscribe("t", lambda m: order.append("a" + m.data))
+    hub.subscribe("t", lambda m: order.append("b" + m.data))
+    hub._on_remote_batch("", "t", "other", [b"s1", b"s2", b"?bad", b"s3"])
+    assert order == ["a1", "b1", "a2", "b2", "a3", "b3"]
+    assert hub.stats()["errors"] == 1 and hub.stats()["received"] == 4
