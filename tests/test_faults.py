@@ -56,7 +56,8 @@ def test_garbage_on_a_pipe_drops_that_worker_only(mode: str, caplog: pytest.LogC
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert ("middle of a frame" if mode == "truncated" else "malformed frame") in errors[0].getMessage()
     if mode != "truncated":
-        assert bad.exitcode == -signal.SIGKILL
+        # killed by the primary, or by itself on seeing its pipe closed: either way, gone
+        assert bad.exitcode in (-signal.SIGKILL, -signal.SIGTERM)
 
 
 def test_huge_length_is_rejected_before_reading_the_body() -> None:

@@ -265,5 +265,6 @@ def stream(results: Any, published: Any, ready: Any) -> None:
         while not stop:
             time.sleep(0.005)
         # A summary, not the list: a large result would fill the queue's pipe before the test reads it.
-        results.put((me, (len(got), got == list(range(len(got))))))
+        snapshot = list(got)  # the reader thread may still be appending
+        results.put((me, (len(snapshot), snapshot == list(range(len(snapshot))))))
     hub.close()
