@@ -79,15 +79,19 @@ class WorkerHandle:
         self.dropped_frames = 0
         self.last_seen = self.started
         self.pong = 0  # the highest ping number this worker answered
+        self.reaped = False
+        self._exitcode: Optional[int] = None
 
     @property
     def exitcode(self) -> Optional[int]:
         """The process's exit code (negative: killed by that signal), None while it runs."""
+        if self.reaped:
+            return self._exitcode
         return self.process.exitcode
 
     def is_alive(self) -> bool:
         """True while the worker process runs."""
-        return bool(self.process.is_alive())
+        return not self.reaped and bool(self.process.is_alive())
 
     def stats(self) -> Dict[str, Any]:
         """This worker's relay counters."""
@@ -569,11 +573,15 @@ class Primary:
         except (KeyError, ValueError):
             pass
         w.process.join(1.0)
+        w._exitcode = w.process.exitcode
+        if w._exitcode is not None:
+            w.reaped = True
+            w.process.close()  # release its sentinel: restarts must not accumulate descriptors
         if self._workers.get(w.index) is w:
             del self._workers[w.index]
         self.exited.append(w)
         del self.exited[:-256]
-        code = w.process.exitcode
+        code = w.exitcode
         logger.debug("worker %d (pid %d) exited with %s", w.index, w.pid, code)
         if self.on_worker_exit is not None:
             self.on_worker_exit(w)

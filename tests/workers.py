@@ -268,3 +268,33 @@ def stream(results: Any, published: Any, ready: Any) -> None:
         snapshot = list(got)  # the reader thread may still be appending
         results.put((me, (len(snapshot), snapshot == list(range(len(snapshot))))))
     hub.close()
+
+
+def churn(received: Any, gaps: Any, stop: Any, pace: int) -> None:
+    """Publish numbered messages to everyone while checking what arrives, until ``stop`` is set.
+
+    ``received[index]`` counts what this worker got; ``gaps[index]`` counts
+    messages that arrived out of sequence from a publisher (a loss or a
+    reordering). Shared memory, no locks: workers here die by SIGKILL.
+    """
+    me = current_worker().index
+    last: dict = {}
+
+    def on_message(msg: Message) -> None:
+        prev = last.get(msg.origin)
+        if prev is not None and msg.data != prev + 1:
+            gaps[me] += 1
+        last[msg.origin] = msg.data
+        received[me] += 1
+
+    hub = Hub(sync=cluster(channel="churn"))
+    hub.subscribe("seq", on_message)
+    assert hub.wait_ready(10)
+    received[me] = 0
+    i = 0
+    while not stop.is_set():
+        for _ in range(pace):
+            hub.publish("seq", i)
+            i += 1
+        time.sleep(0.005)
+    hub.close()
