@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._log import RateLimitedLog, logger
@@ -41,6 +42,12 @@ __all__ = ["WorkerLink", "current_link"]
 
 #: A DATA frame is closed once its body passes this size; a new one starts.
 FRAME_TARGET = 256 * 1024
+#: A publish this long after the previous one, with nothing pending, is written at once by the
+#: publishing thread (no hand-off to the writer thread: a lone message leaves without delay).
+#: Publishes closer together are batched by the writer thread.
+DIRECT_GAP = 0.0002
+#: A pending entry holding bytes already framed (the rest of a partial direct write).
+_RAW = 0
 READ_SIZE = 1024 * 1024
 #: Seconds between a lost primary and a hard exit, for SIGTERM handlers to run.
 ORPHAN_GRACE = 1.0
@@ -53,6 +60,7 @@ Deliver = Callable[[Message], Any]
 DeliverBatch = Callable[[str, str, str, List[bytes]], Any]
 _pack_size = SIZE.pack
 _pack_meta = META.pack
+_monotonic = time.monotonic
 
 
 def current_link() -> Optional["WorkerLink"]:
@@ -96,6 +104,8 @@ class WorkerLink:
         self._members: Dict[bytes, Tuple[Tuple[bytes, DeliverBatch], ...]] = {}
         self._subs_sent: Dict[bytes, int] = {}
         self._acks: Dict[bytes, int] = {}
+        self._last_publish = 0.0
+        self._writing = False
         self.frames_out = 0
         self.messages_out = 0
         self.messages_in = 0
@@ -159,6 +169,12 @@ class WorkerLink:
             if self._pending + self._inflight + size > self.out_limit and self._pending:
                 self._wait_for_room(size)
             runs = self._runs
+            now = _monotonic()
+            if not runs and not self._writing and now - self._last_publish > DIRECT_GAP:
+                self._last_publish = now
+                self._write_now(channel, dest, origin, ns, topic, data)
+                return
+            self._last_publish = now
             if runs:
                 last = runs[-1]
                 body = last[3]
@@ -179,6 +195,27 @@ class WorkerLink:
             body += data
             runs.append([DATA, channel, dest, body, 1, origin, ns, topic])
             self._pending += size
+            if self._writer_waiting:
+                self._cond.notify_all()
+
+    def _write_now(self, channel: bytes, dest: int, origin: bytes, ns: bytes, topic: bytes, data: bytes) -> None:
+        """With the lock held and nothing pending: write one message's frame without blocking.
+
+        What the socket does not take at once goes to the writer thread, first in line.
+        """
+        body = _pack_size(len(data)) + _pack_meta(len(origin), len(ns), len(topic)) + origin + ns + topic + data
+        frame = HEADER.pack(len(channel) + len(body), DATA, len(channel), self.index, dest, 1) + channel + body
+        try:
+            sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # the writer thread meets the same error and reports it
+        self.frames_out += 1
+        self.messages_out += 1
+        if sent < len(frame):
+            self._runs.append([_RAW, b"", 0, frame[sent:], 0, None, None, None])
+            self._pending += len(frame) - sent
             if self._writer_waiting:
                 self._cond.notify_all()
 
@@ -232,11 +269,13 @@ class WorkerLink:
                 runs, self._runs = self._runs, []
                 self._inflight = self._pending
                 self._pending = 0
+                self._writing = True  # no direct write may interleave with ours
             parts: List[Any] = []
             messages = 0
             for kind, channel, dest, body, count, _o, _n, _t in runs:
-                parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
-                parts.append(channel)
+                if kind != _RAW:
+                    parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
+                    parts.append(channel)
                 parts.append(body)
                 if kind == DATA:
                     messages += count
@@ -252,14 +291,14 @@ class WorkerLink:
                 self.frames_out += len(runs)
                 self.messages_out += messages
                 self._inflight = 0
-                if self._space_waiters or self._closing:
-                    cond.notify_all()
+                self._writing = False
+                cond.notify_all()  # room for blocked publishers; flush() waits for this too
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until everything published so far is written; True if it was."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: (not self._runs and not self._inflight) or self._closed, timeout
+                lambda: (not self._runs and not self._writing) or self._closed, timeout
             ) and not self._runs
 
     # -- reading -----------------------------------------------------------

@@ -116,13 +116,15 @@ def test_graceful_stop_delivers_what_was_published_before_it() -> None:
     ctx = multiprocessing.get_context("fork")
     results, ready = ctx.Queue(), ctx.Queue()
     published = ctx.Value("q", 0, lock=False)
+    go = ctx.Event()
     primary = Primary(start_method="fork", workers=3)
     got: List[Any] = []
     try:
         for _ in range(3):
-            primary.fork(workers.stream, results, published, ready)
+            primary.fork(workers.stream, results, published, ready, go)
         seen: List[Any] = []
         assert primary.run(lambda: _drain_queue(ready, seen) or len(seen) == 3, timeout=20)
+        go.set()
         assert primary.run(lambda: published.value >= 20_000, timeout=30)
         before_stop = published.value
         assert primary.stop_workers(timeout=20), "a worker had to be killed"
@@ -138,7 +140,7 @@ def test_graceful_stop_delivers_what_was_published_before_it() -> None:
     assert primary.stats()["dropped"] == 0
     total = out[0]
     for index in (1, 2):
-        count, in_order = out[index]
-        assert in_order, "a gap or reordering"
+        count, in_order, detail = out[index]
+        assert in_order, f"a gap or reordering: {detail}"
         assert count >= before_stop, (count, before_stop)
         assert count <= total

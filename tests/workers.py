@@ -240,7 +240,7 @@ def hang(results: Any, how: str) -> None:
         time.sleep(3600)
 
 
-def stream(results: Any, published: Any, ready: Any) -> None:
+def stream(results: Any, published: Any, ready: Any, go: Any) -> None:
     """Worker 0 publishes numbered messages until stopped; the others record them until stopped."""
     import signal as _signal
 
@@ -253,6 +253,7 @@ def stream(results: Any, published: Any, ready: Any) -> None:
     assert hub.wait_ready(10)
     ready.put(me)
     if me == 0:
+        assert go.wait(20)  # no replay: publish once every receiver is subscribed
         i = 0
         while not stop:
             hub.publish("n", i)
@@ -266,7 +267,9 @@ def stream(results: Any, published: Any, ready: Any) -> None:
             time.sleep(0.005)
         # A summary, not the list: a large result would fill the queue's pipe before the test reads it.
         snapshot = list(got)  # the reader thread may still be appending
-        results.put((me, (len(snapshot), snapshot == list(range(len(snapshot))))))
+        bad = next((i for i, n in enumerate(snapshot) if n != i), None)
+        detail = None if bad is None else snapshot[max(0, bad - 3) : bad + 3]
+        results.put((me, (len(snapshot), bad is None, detail)))
     hub.close()
 
 
