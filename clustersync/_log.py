@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 logger = logging.getLogger("clustersync")
 
@@ -18,7 +18,7 @@ class RateLimitedLog:
         self._lock = threading.Lock()
         self._state: Dict[object, Tuple[float, int]] = {}
 
-    def __call__(self, key: object, level: int, msg: str, *args: object, exc_info: object = None) -> None:
+    def __call__(self, key: object, level: int, msg: str, *args: object, exc_info: Any = None) -> None:
         now = time.monotonic()
         with self._lock:
             last, held = self._state.get(key, (0.0, 0))
@@ -30,3 +30,36 @@ class RateLimitedLog:
             msg += " (%d similar lines held back)"
             args = args + (held,)
         logger.log(level, msg, *args, exc_info=exc_info)
+
+
+class _Tag(logging.Filter):
+    """Adds ``%(who)s`` to every record: ``primary`` or ``worker N``."""
+
+    def __init__(self, who: str) -> None:
+        super().__init__()
+        self.who = who
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.who = self.who
+        return True
+
+
+LOG_FORMAT = "%(asctime)s [%(who)s pid %(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def configure(level: str, who: str) -> None:
+    """Log to stderr at ``level`` through the root logger, each line naming ``who`` and the pid.
+
+    Called by ``clustersync run`` in the primary (``who="primary"``) and in
+    each worker (``who="worker N"``); calling it again replaces the handler.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_clustersync", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler._clustersync = True  # type: ignore[attr-defined]
+    handler.addFilter(_Tag(who))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper())

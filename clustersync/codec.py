@@ -64,11 +64,11 @@ class Codec:
         kind = type(value)
         if kind is str:
             try:
-                return _S + value.encode("utf-8")
+                return _S + str.encode(value, "utf-8")
             except UnicodeEncodeError as exc:
                 raise ValueError(f"str data is not valid Unicode text: {exc}") from None
         if kind is bytes:
-            return _B + value
+            return _B + bytes(value)
         if isinstance(value, (bytearray, memoryview)):
             return _B + bytes(value)
         out = self.serializer(value)

@@ -428,6 +428,7 @@ class Hub:
         deserialize = self._codec.deserializer
         msgs = []
         for data in datas:
+            value: Any
             try:
                 tag = data[0]
                 if tag == TAG_BYTES:

@@ -81,13 +81,16 @@ class WorkerHandle:
         self.pong = 0  # the highest ping number this worker answered
         self.reaped = False
         self._exitcode: Optional[int] = None
+        #: Why the primary itself killed this worker (liveness, a malformed frame), or None.
+        self.kill_reason: Optional[str] = None
 
     @property
     def exitcode(self) -> Optional[int]:
         """The process's exit code (negative: killed by that signal), None while it runs."""
         if self.reaped:
             return self._exitcode
-        return self.process.exitcode
+        code: Optional[int] = self.process.exitcode
+        return code
 
     def is_alive(self) -> bool:
         """True while the worker process runs."""
@@ -159,6 +162,7 @@ class Primary:
         self.timeout = timeout
         self._next_liveness = 0.0
         self._pings = 0
+        self._stop_groups: List[Any] = []  # (ping numbers asked, deadline): stops waiting for answers
         self._max_body = max_message + 256 * 1024 + 2 * 65535
         self._config = {
             "max_message": max_message,
@@ -203,7 +207,8 @@ class Primary:
             raise RuntimeError("fork() on a closed primary")
         if not callable(target):
             raise TypeError("target must be callable")
-        return self._in_loop(lambda: self._fork(target, args, index))
+        handle: WorkerHandle = self._in_loop(lambda: self._fork(target, args, index))
+        return handle
 
     def _fork(self, target: Callable[..., Any], args: Any, index: Optional[int]) -> WorkerHandle:
         if index is None:
@@ -222,7 +227,7 @@ class Primary:
                     sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
                 except OSError:
                     pass
-        process = self._ctx.Process(
+        process = self._ctx.Process(  # type: ignore[attr-defined]
             target=bootstrap,
             args=(target, args, child, index, count, self._config),
             name=f"clustersync-worker-{index}",
@@ -301,6 +306,8 @@ class Primary:
                 self._drain_wake()
         if self.timeout is not None:
             self._check_liveness()
+        if self._stop_groups:
+            self._advance_stops()
         dirty = self._dirty
         if dirty:
             self._dirty = []
@@ -335,6 +342,7 @@ class Primary:
                     silent,
                     timeout,
                 )
+                w.kill_reason = f"silent for over {timeout:g} s"
                 self._disconnect(w)
                 try:
                     w.process.kill()
@@ -405,9 +413,9 @@ class Primary:
                             if t is not w or hubs > 1:
                                 self._enqueue(t, frame, count)
                     else:
-                        t = self._workers.get(dest)
-                        if t is not None and t in subs:
-                            self._enqueue(t, frame, count)
+                        one = self._workers.get(dest)
+                        if one is not None and one in subs:
+                            self._enqueue(one, frame, count)
                         else:
                             self.unroutable += count
                 else:
@@ -447,6 +455,8 @@ class Primary:
                     self.on_worker_ready(w)
         elif kind == PONG:
             w.pong = max(w.pong, count)  # last_seen was updated by the read
+            if self._stop_groups:
+                self._advance_stops()
 
     def _enqueue(self, t: WorkerHandle, frame: Any, count: int) -> None:
         size = len(frame)
@@ -530,6 +540,7 @@ class Primary:
             clen,
             origin,
         )
+        w.kill_reason = "malformed frame"
         self._disconnect(w)
         try:
             w.process.kill()
@@ -588,37 +599,58 @@ class Primary:
 
     # -- stopping ----------------------------------------------------------
 
-    def request_stop(self, w: WorkerHandle) -> None:
-        """Ask ``w`` to stop once it has everything routed to it so far.
+    def begin_stop(self, workers: List[WorkerHandle], wait: float = 2.0) -> None:
+        """Ask ``workers`` to stop once they have everything published before now. Returns at once.
 
-        A STOP frame goes after the frames already queued for it; the worker
-        SIGTERMs itself when it reads it. A worker whose pipe is gone gets
-        SIGTERM directly.
+        Each gets a ping; its answer follows everything it published before.
+        Once all have answered (or ``wait`` seconds passed), each gets a STOP
+        frame behind everything routed to it, and SIGTERMs itself when it
+        reads it. A worker whose pipe is gone gets SIGTERM directly. The loop
+        (:meth:`poll`) carries this out.
         """
-        if w.connected:
-            self._enqueue_control(w, pack_frame(STOP, b"", 0xFFFF, w.index))
-            self._flush(w)
-        if not w.connected:
+        asked: Dict[WorkerHandle, int] = {}
+        for w in workers:
+            if w.connected:
+                asked[w] = self.ping(w)
+            else:
+                self._terminate(w)
+        if asked:
+            self._stop_groups.append((asked, time.monotonic() + wait))
+            self._advance_stops()
+
+    def _advance_stops(self) -> None:
+        if not self._stop_groups:
+            return
+        now = time.monotonic()
+        waiting = []
+        for asked, deadline in self._stop_groups:
+            if now < deadline and not all(w.pong >= n or not w.connected for w, n in asked.items()):
+                waiting.append((asked, deadline))
+                continue
+            for w in asked:
+                if w.connected:
+                    self._enqueue_control(w, pack_frame(STOP, b"", 0xFFFF, w.index))
+                    self._flush(w)
+                if not w.connected:
+                    self._terminate(w)
+        self._stop_groups = waiting
+
+    @staticmethod
+    def _terminate(w: WorkerHandle) -> None:
+        if not w.reaped:
             try:
                 w.process.terminate()
             except Exception:
                 pass
 
     def stop_workers(self, timeout: Optional[float] = None) -> bool:
-        """Stop every worker: STOP after its pending frames, relay until they exit, SIGKILL after ``timeout``.
+        """Stop every worker (:meth:`begin_stop`), relay until they exit, SIGKILL after ``timeout``.
 
         Returns True if all exited before the timeout.
         """
         graceful = self.graceful_timeout if timeout is None else timeout
-        deadline = time.monotonic() + graceful
-        # Phase 1: a ping to each worker; its answer follows all it published before the stop began.
-        asked = {w: self.ping(w) for w in self._workers.values() if w.connected}
-        self.run(lambda: all(w.pong >= n or not w.connected for w, n in asked.items()), min(graceful / 2, 5.0))
-        # Phase 2: STOP, queued behind everything routed to each worker.
-        for w in list(self._workers.values()):
-            self.request_stop(w)
-        timeout = max(0.0, deadline - time.monotonic())
-        clean = self.run(lambda: not self._workers, timeout)
+        self.begin_stop(self.workers, wait=min(graceful / 2, 5.0))
+        clean = self.run(lambda: not self._workers, graceful)
         if not clean:
             for w in list(self._workers.values()):
                 logger.warning("worker %d (pid %d) did not stop in %.1f s: killing it", w.index, w.pid, graceful)

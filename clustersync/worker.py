@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import link as _link
 
@@ -12,9 +14,15 @@ __all__ = ["WorkerContext", "current_worker", "notify_ready"]
 
 ENV_ID = "CLUSTERSYNC_WORKER_ID"
 ENV_COUNT = "CLUSTERSYNC_WORKERS"
+#: Asynchronous signals, blocked in the link's threads so that they reach the app's.
+APP_SIGNALS = {
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGCHLD, signal.SIGWINCH,
+}
 
 
-class WorkerContext(NamedTuple):
+@dataclass(frozen=True)
+class WorkerContext:
     """Who this worker is: ``index`` (0..count-1, reused by a replacement), ``count`` (worker slots), ``pid``."""
 
     index: int
@@ -61,7 +69,12 @@ def bootstrap(
         publish_block=config["publish_block"],
     )
     _link._set_current(link)
-    link.start()
+    # The link's threads never take these: a signal for the app goes to a thread Python runs handlers on.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, APP_SIGNALS)
+    try:
+        link.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     try:
         target(*args)
     finally:

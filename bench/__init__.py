@@ -1,0 +1,1 @@
+"""Benchmark harness for clustersync: ``python -m bench`` (see bench/README.md)."""

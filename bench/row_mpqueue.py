@@ -1,0 +1,126 @@
+"""Row ``mpqueue``: the naive standard-library way, ``multiprocessing.Queue``.
+
+Every worker has one inbound ``multiprocessing.Queue``; a publisher fans out itself:
+it ``put``s each message into the inbound queue of every subscriber of its topic (no
+relay process).  Receivers ``get`` one message at a time.  Queues are unbounded, so
+nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+import traceback
+
+from .common import (
+    Control,
+    ControlClient,
+    PayloadMaker,
+    Spec,
+    Tracker,
+    base_result,
+    check_deadline,
+    finish,
+    kill_processes,
+    latency_summary,
+    receive_all,
+)
+
+NAME = "mpqueue"
+TUNING = "mpqueue: one unbounded inbound Queue per worker, publisher puts into each subscriber's queue"
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+def _get(q, deadline):
+    while True:
+        try:
+            return q.get(timeout=0.5)
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise TimeoutError("deadline reached") from None
+
+
+def _worker(queues: list, wid: int, spec_d: dict, ctl_args: tuple) -> None:
+    spec = Spec.from_dict(spec_d)
+    ctl = ControlClient(*ctl_args, wid)
+    res = base_result(wid)
+    inbox = queues[wid]
+    sources = spec.sources(wid)
+    tracker = Tracker(wid, sources, spec.messages, spec.payload, spec.workers) if sources else None
+    try:
+        ctl.ready_and_wait(spec.deadline)
+        make = PayloadMaker(wid, spec.payload)
+        if spec.scenario == "latency":
+            if wid == 0:
+                dest = queues[1]
+                rtts = []
+                perf = time.perf_counter_ns
+                res["t_first_pub"] = time.monotonic()
+                for k in range(spec.messages):
+                    check_deadline(spec.deadline)
+                    t0 = perf()
+                    dest.put(make(k))
+                    res["published"] = k + 1
+                    data = _get(inbox, spec.deadline)
+                    t1 = perf()
+                    tracker.feed(data)
+                    if k >= spec.warmup:
+                        rtts.append(t1 - t0)
+                res["latency"] = latency_summary(rtts)
+            elif wid == 1:
+                dest = queues[0]
+                for k in range(spec.messages):
+                    check_deadline(spec.deadline)
+                    tracker.feed(_get(inbox, spec.deadline))
+                    dest.put(make(k))
+                    res["published"] = k + 1
+        else:
+            if wid in spec.publishers:
+                dests = [queues[d] for d in spec.subscribers(wid)]
+                res["t_first_pub"] = time.monotonic()
+                for k in range(spec.messages):
+                    if not k & 255:
+                        check_deadline(spec.deadline)
+                        res["published"] = k
+                    p = make(k)
+                    for q in dests:
+                        q.put(p)
+                res["published"] = spec.messages
+                res["t_pub_done"] = time.monotonic()
+            if tracker is not None:
+                receive_all(lambda: _get(inbox, spec.deadline), tracker.feed, spec.deadline)
+    except BaseException:
+        res["error"] = traceback.format_exc()
+    if tracker is not None:
+        res.update(tracker.result())
+    ctl.report(res)
+    if wid not in spec.active:
+        ctl.wait_stop(spec.deadline)
+    ctl.close()
+
+
+def conduct(spec_d: dict) -> dict:
+    spec = Spec.from_dict(spec_d)
+    ctx = mp.get_context("fork")
+    ctl = Control(spec.workers, spec.active)
+    queues = [ctx.Queue() for _ in range(spec.workers)]
+    procs = []
+    try:
+        for wid in range(spec.workers):
+            p = ctx.Process(target=_worker, args=(queues, wid, spec.to_dict(), ctl.client_args), daemon=True)
+            p.start()
+            procs.append(p)
+        ctl.start()
+        ctl.watch({wid: p.pid for wid, p in enumerate(procs)})
+        results = ctl.wait_results(spec.deadline + 5.0)
+        return finish(spec, results, ctl)
+    finally:
+        kill_processes(procs)
+        for q in queues:
+            q.close()
+            q.cancel_join_thread()
+        ctl.close()

@@ -1,0 +1,263 @@
+"""The command line: ``python -m clustersync run MODULE:CALLABLE [options]`` (also ``clustersync``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Callable, List, Mapping, Optional, Sequence
+
+from . import __version__, _log
+from .boot import split_app
+from .sockets import parse_address
+from .supervisor import RESTART_POLICIES, RunConfig, Supervisor
+from .wire import MAX_WORKERS
+
+__all__ = ["main", "build_parser", "config_from_args", "ENV"]
+
+#: The environment variable behind each option (the option wins when both are given).
+ENV = {
+    "workers": "CLUSTERSYNC_NUM_WORKERS",
+    "bind": "CLUSTERSYNC_BIND",
+    "reuse_port": "CLUSTERSYNC_REUSE_PORT",
+    "restart": "CLUSTERSYNC_RESTART",
+    "graceful_timeout": "CLUSTERSYNC_GRACEFUL_TIMEOUT",
+    "timeout": "CLUSTERSYNC_TIMEOUT",
+    "start_method": "CLUSTERSYNC_START_METHOD",
+    "log_level": "CLUSTERSYNC_LOG_LEVEL",
+    "app_dir": "CLUSTERSYNC_APP_DIR",
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+START_METHODS = ("fork", "spawn", "forkserver")
+
+RUN_DESCRIPTION = """\
+Start N worker processes; each imports MODULE (the current directory and
+--app-dir are on sys.path) and calls CALLABLE with no arguments (a coroutine
+it returns is run with asyncio.run). In a worker, clustersync.current_worker()
+gives its index and the worker count, clustersync.listen_sockets() the sockets
+of --bind, and Hub(sync=cluster(channel=...)) reaches every other worker.
+
+A worker is ready once CALLABLE has run for 1 s, or when it calls
+clustersync.notify_ready(). A crashed worker is replaced under the same index,
+after a delay that doubles with each crash in a row (0.1 s, 0.2 s, ... 10 s;
+back to 0.1 s once a worker stayed up 10 s). A worker that fails before it is
+ready on the first start, or 5 times in a row, stops the command (status 3):
+a module that does not import or a missing CALLABLE is reported in one line.
+"""
+
+RUN_EPILOG = """\
+environment variables (an option on the command line wins):
+  CLUSTERSYNC_NUM_WORKERS       -w/--workers
+  CLUSTERSYNC_BIND              --bind, several separated by commas
+  CLUSTERSYNC_REUSE_PORT        --reuse-port (1/true/yes or 0/false/no)
+  CLUSTERSYNC_RESTART           --restart
+  CLUSTERSYNC_GRACEFUL_TIMEOUT  --graceful-timeout
+  CLUSTERSYNC_TIMEOUT           --timeout
+  CLUSTERSYNC_START_METHOD      --start-method
+  CLUSTERSYNC_LOG_LEVEL         --log-level
+  CLUSTERSYNC_APP_DIR           --app-dir
+  Inside a worker, CLUSTERSYNC_WORKER_ID and CLUSTERSYNC_WORKERS hold its index
+  and the worker count (they are outputs, not options).
+
+signals to the primary:
+  TERM     graceful stop: each worker first gets every message published
+           before the stop, then SIGTERM (which raises SystemExit in the
+           worker's main thread); SIGKILL after --graceful-timeout
+  INT      the same (Ctrl-C); a second INT kills the workers at once
+  QUIT     kill the workers at once
+  HUP      rolling restart, one worker at a time, with the app imported afresh
+  TTIN     one worker more
+  TTOU     one worker fewer (the highest index goes)
+  If the primary dies, every worker exits within about a second.
+
+exit status:
+  0        every worker returned, or a stop ended within the graceful timeout
+  1        a stop had to kill workers, or the address could not be bound
+  2        bad command line or environment variable
+  3        the app failed to boot
+  N        --restart never (or on-failure, for workers that returned): the
+           status of the first worker that failed (128 + signal if killed)
+
+example:
+  python -m clustersync run examples.chat:main -w 4 --bind 127.0.0.1:8000
+"""
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WORKERS}, not {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be zero or more seconds, not {text}")
+    return value
+
+
+def _address(text: str) -> str:
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        value = text.lower()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return convert
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not 1/true/yes or 0/false/no")
+
+
+def _binds(text: str) -> List[str]:
+    return [_address(part) for part in re.split(r"[,\s]+", text) if part]
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``clustersync`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="clustersync",
+        description="Pub/sub across the worker processes of one host.",
+    )
+    parser.add_argument("--version", action="version", version=f"clustersync {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser(
+        "run",
+        help="run MODULE:CALLABLE in N supervised worker processes",
+        description=RUN_DESCRIPTION,
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.set_defaults(command_parser=run)  # for errors about environment variables
+    run.add_argument("app", metavar="MODULE:CALLABLE", help="the function each worker calls, e.g. myapp.server:main")
+    run.add_argument(
+        "-w", "--workers", type=_workers, metavar="N", help="number of worker processes (default: the number of CPUs)"
+    )
+    run.add_argument(
+        "--bind",
+        action="append",
+        type=_address,
+        metavar="ADDRESS",
+        help="listen on HOST:PORT, [IPV6]:PORT, :PORT (all interfaces) or unix:PATH; repeatable. "
+        "The primary opens each socket once and every worker inherits it: "
+        "clustersync.listen_sockets() returns them. Port 0 picks a free port (see the log)",
+    )
+    run.add_argument(
+        "--reuse-port",
+        action="store_const",
+        const=True,
+        help="bind a socket per worker with SO_REUSEPORT (the kernel spreads connections) "
+        "instead of one shared socket; TCP only",
+    )
+    run.add_argument(
+        "--restart",
+        type=_choice(RESTART_POLICIES),
+        metavar="{" + ",".join(RESTART_POLICIES) + "}",
+        help="on-failure (default): replace workers that crash; a worker that returns is done. "
+        "always: replace workers that return too. never: a worker that ends is done. "
+        "The command ends when every worker is done",
+    )
+    run.add_argument(
+        "--graceful-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="on stop, how long workers have after SIGTERM before SIGKILL (default: 30)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="liveness: kill and replace a worker not heard from for this long (its I/O thread "
+        "answers pings, so only a stopped worker, or one whose GIL is held, goes silent); default: off",
+    )
+    run.add_argument(
+        "--start-method",
+        type=_choice(START_METHODS),
+        metavar="{" + ",".join(START_METHODS) + "}",
+        help="how workers start (default: multiprocessing's default for this platform)",
+    )
+    run.add_argument(
+        "--log-level",
+        type=_choice(LOG_LEVELS),
+        metavar="LEVEL",
+        help="debug, info (default), warning, error or critical; each line names the worker and pid",
+    )
+    run.add_argument("--app-dir", metavar="DIR", help="look for MODULE in DIR too (before the current directory)")
+    return parser
+
+
+def config_from_args(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, environ: Mapping[str, str]
+) -> RunConfig:
+    """Merge the options with their environment variables and the defaults."""
+
+    def pick(name: str, convert: Callable[[str], Any], default: Any) -> Any:
+        value = getattr(args, name)
+        if value is not None:
+            return value
+        text = environ.get(ENV[name])
+        if text is None or text.strip() == "":
+            return default
+        try:
+            return convert(text.strip())
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{ENV[name]}={text!r}: {exc}")
+
+    try:
+        split_app(args.app)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return RunConfig(
+        app=args.app,
+        workers=pick("workers", _workers, None) or _default_workers(),
+        binds=tuple(pick("bind", _binds, [])),
+        reuse_port=bool(pick("reuse_port", _flag, False)),
+        restart=pick("restart", _choice(RESTART_POLICIES), "on-failure"),
+        graceful_timeout=pick("graceful_timeout", _seconds, 30.0),
+        timeout=pick("timeout", _seconds, None) or None,  # 0: off
+        start_method=pick("start_method", _choice(START_METHODS), None),
+        log_level=pick("log_level", _choice(LOG_LEVELS), "info"),
+        app_dir=pick("app_dir", str, None),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``clustersync`` and ``python -m clustersync``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    config = config_from_args(args, args.command_parser, os.environ)
+    _log.configure(config.log_level, "primary")
+    return Supervisor(config).run()

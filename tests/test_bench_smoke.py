@@ -1,0 +1,27 @@
+"""The benchmark runs: --quick, clustersync rows alone, every check passing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(120)
+def test_bench_quick_clustersync_rows(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "clustersync", "--workers", "4",
+         "--payloads", "100", "--json", str(out)],
+        capture_output=True, text=True, timeout=110, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fanout" in proc.stdout and "latency" in proc.stdout
+    assert "all checks passed" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results
