@@ -99,7 +99,7 @@ class Cluster:
 
     def __init__(self, pace: int, pad: int = 0, **options: Any) -> None:
         ctx = multiprocessing.get_context("fork")
-        self.first = ctx.Array("q", WORKERS * WORKERS, lock=False)
+        self.first = ctx.Array("q", [-1] * (WORKERS * WORKERS), lock=False)
         self.pad = pad
         self.received = ctx.Array("q", WORKERS, lock=False)
         self.gaps = ctx.Array("q", WORKERS, lock=False)
@@ -240,11 +240,13 @@ def run_stuck(
     try:
         for i in range(WORKERS):
             c.start(pace=0 if i == stuck else None)  # the one to be stopped only consumes
-        if not c.run(lambda: all(c.received[i] > 0 for i in range(WORKERS)), timeout=20):
+        heard_all = lambda: all(c.first[stuck * WORKERS + i] >= 0 for i in others)  # noqa: E731
+        if not c.run(lambda: all(c.received[i] > 0 for i in range(WORKERS)) and heard_all(), timeout=20):
             raise RuntimeError("the workers did not start receiving")
         rounds = max(3, int(seconds / 2 / window))
         baseline = [_rate(c, others, window) for _ in range(rounds)]
         rss_before = _rss_kib()
+        figures["dropped_before_stop"] = c.worker_stats(stuck)["dropped"]
         os.kill(c.pid(stuck), signal.SIGSTOP)
         stopped = True
         during = [_rate(c, others, window) for _ in range(rounds)]
@@ -260,7 +262,7 @@ def run_stuck(
         # What the others published after the stuck worker first heard from them.
         sent_to_stuck = sum(c.published[i] - c.first[stuck * WORKERS + i] for i in others)
         exact = c.run(
-            lambda: c.received[stuck] + c.worker_stats(stuck)["dropped"] == sent_to_stuck, timeout=20
+            lambda: c.received[stuck] + c.worker_stats(stuck)["dropped"] == sent_to_stuck, timeout=30
         )
         figures["dropped_for_stuck"] = c.worker_stats(stuck)["dropped"]
         figures["received_by_stuck"] = c.received[stuck]
