@@ -64,7 +64,6 @@ def numbered_publisher(
     hub.subscribe("seq", on_message)
     if not hub.wait_ready(10):
         raise SystemExit("not subscribed within 10 s")
-    received[me] = 0
     padding = b"x" * pad
     i = 0
     while not stop[me]:
@@ -117,7 +116,7 @@ class Cluster:
     def start(self, index: Optional[int] = None, pace: Optional[int] = None) -> WorkerHandle:
         """Start (or replace) a worker; ``pace`` messages per 5 ms (0: it only consumes)."""
         slot = index if index is not None else len(self.primary.workers)
-        self.received[slot] = -1  # until the worker is subscribed
+        self.received[slot] = 0  # the worker counts from its first message on
         self.published[slot] = 0
         self.stop[slot] = 0
         return self.primary.fork(
@@ -265,6 +264,9 @@ def run_stuck(
             lambda: c.received[stuck] + c.worker_stats(stuck)["dropped"] == sent_to_stuck, timeout=30
         )
         figures["dropped_for_stuck"] = c.worker_stats(stuck)["dropped"]
+        figures["relayed_to_stuck"] = c.worker_stats(stuck)["messages_out"]
+        figures["unroutable"] = c.primary.stats()["unroutable"]
+        figures["buffered_after"] = c.worker_stats(stuck)["buffered"]
         figures["received_by_stuck"] = c.received[stuck]
         figures["published_to_stuck"] = sent_to_stuck
         figures["drops_exact"] = exact

@@ -22,7 +22,7 @@ def test_churn_workers_killed_under_load() -> None:
 def test_stuck_consumer_costs_its_bound_and_only_its_own_messages() -> None:
     figures = run_stuck(seconds=4.0)
     assert figures["dropped_for_stuck"] > 0, figures
-    assert figures["drops_exact"], {k: figures[k] for k in ("received_by_stuck", "dropped_for_stuck", "published_to_stuck", "dropped_before_stop")}  # received + dropped == published to it, after SIGCONT
+    assert figures["drops_exact"], {k: figures[k] for k in ("received_by_stuck", "dropped_for_stuck", "published_to_stuck", "dropped_before_stop", "relayed_to_stuck", "unroutable", "buffered_after")}  # received + dropped == published to it, after SIGCONT
     assert figures["buffered_for_stuck"] <= figures["max_buffer"], figures
     assert figures["rss_growth_kib"] * 1024 <= figures["max_buffer"] + 16 * 1024 * 1024, figures
     assert figures["gaps_in_healthy"] == [0, 0, 0], figures
