@@ -14,6 +14,7 @@ from typing import Any, Deque, Dict, List, Optional
 
 from .._log import RateLimitedLog
 from ..hub import DEFAULT_QUEUE_SIZE, Message
+from ..link import DeliverBatch
 from .base import Deliver, DriverFactory, check_channel
 
 __all__ = ["broadcast_channel", "BroadcastDriver"]
@@ -32,7 +33,7 @@ class BroadcastDriver:
         self.queue_size = queue_size
         self._queue: Deque[Message] = deque()
         self._cond = threading.Condition(threading.Lock())
-        self._deliver: Optional[Deliver] = None
+        self._deliver: Optional[DeliverBatch] = None
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self.published = 0
@@ -41,11 +42,20 @@ class BroadcastDriver:
 
     def subscribe(self, deliver: Deliver) -> None:
         """Join the channel and start the delivery thread."""
+
+        def deliver_batch(namespace: str, topic: str, origin: str, datas: List[bytes]) -> None:
+            for data in datas:
+                deliver(Message(namespace, topic, data, origin))
+
+        self.subscribe_batch(deliver_batch)
+
+    def subscribe_batch(self, deliver_batch: DeliverBatch) -> None:
+        """Join the channel; the delivery thread hands over runs of one origin and topic at a time."""
         if self._deliver is not None:
             raise RuntimeError("subscribe() called twice")
         if self._closed:
             raise RuntimeError("driver is closed")
-        self._deliver = deliver
+        self._deliver = deliver_batch
         self._thread = threading.Thread(
             target=self._run, name=f"clustersync-broadcast-{self.channel}-{self.hub_id}", daemon=True
         )
@@ -93,9 +103,20 @@ class BroadcastDriver:
                     return
                 batch = list(queue)
                 queue.clear()
-            for msg in batch:
-                self.received += 1
-                deliver(msg)  # the hub contains subscriber errors itself
+            self.received += len(batch)
+            start = 0
+            end = len(batch)
+            while start < end:  # runs of one namespace, topic and origin, in order
+                ns, topic, _data, origin = first = batch[start]
+                stop = start + 1
+                while stop < end:
+                    m = batch[stop]
+                    if m[1] != topic or m[3] != origin or m[0] != ns:
+                        break
+                    stop += 1
+                datas = [first[2]] if stop == start + 1 else [m[2] for m in batch[start:stop]]
+                deliver(ns, topic, origin, datas)  # the hub contains subscriber errors itself
+                start = stop
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Ready once subscribed: membership is immediate."""
