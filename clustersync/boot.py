@@ -119,7 +119,8 @@ def load_app(app: str) -> Callable[[], Any]:
             raise AppLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
     if not callable(obj):
         raise AppLoadError(f"{app} is not callable (it is {type(obj).__name__})")
-    return obj
+    app_callable: Callable[[], Any] = obj
+    return app_callable
 
 
 _stopping = threading.Event()

@@ -90,7 +90,8 @@ class Backoff:
         if uptime >= self.stable:
             self.count = 0
         self.count += 1
-        return min(self.first * 2 ** (self.count - 1), self.maximum)
+        delay: float = min(self.first * 2.0 ** (self.count - 1), self.maximum)
+        return delay
 
 
 def describe_exit(code: Optional[int]) -> str:
@@ -602,7 +603,7 @@ class Supervisor:
     def _dispatch_signals(self) -> None:
         while self._signals:
             signum = self._signals.popleft()
-            getattr(self, "handle_" + SIGNALS[signum])()
+            getattr(self, "handle_" + SIGNALS[signal.Signals(signum)])()
 
     def handle_term(self) -> None:
         """SIGTERM: graceful stop."""

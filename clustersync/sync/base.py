@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, List, Protocol, runtime_checkable
 
 from ..hub import Message
+from ..link import DeliverBatch
 
-__all__ = ["SyncDriver", "DriverFactory", "Deliver", "check_channel"]
+__all__ = ["SyncDriver", "DriverFactory", "Deliver", "DeliverBatch", "check_channel", "one_by_one"]
 
 Deliver = Callable[[Message], Any]
+
+
+def one_by_one(deliver: Deliver) -> DeliverBatch:
+    """Adapt a per-message ``deliver(msg)`` to a batch-aware driver's ``deliver_batch``."""
+
+    def deliver_batch(namespace: str, topic: str, origin: str, datas: List[bytes]) -> None:
+        for data in datas:
+            deliver(Message(namespace, topic, data, origin))
+
+    return deliver_batch
 
 
 @runtime_checkable

@@ -14,8 +14,7 @@ from typing import Any, Deque, Dict, List, Optional
 
 from .._log import RateLimitedLog
 from ..hub import DEFAULT_QUEUE_SIZE, Message
-from ..link import DeliverBatch
-from .base import Deliver, DriverFactory, check_channel
+from .base import Deliver, DeliverBatch, DriverFactory, check_channel, one_by_one
 
 __all__ = ["broadcast_channel", "BroadcastDriver"]
 
@@ -42,12 +41,7 @@ class BroadcastDriver:
 
     def subscribe(self, deliver: Deliver) -> None:
         """Join the channel and start the delivery thread."""
-
-        def deliver_batch(namespace: str, topic: str, origin: str, datas: List[bytes]) -> None:
-            for data in datas:
-                deliver(Message(namespace, topic, data, origin))
-
-        self.subscribe_batch(deliver_batch)
+        self.subscribe_batch(one_by_one(deliver))
 
     def subscribe_batch(self, deliver_batch: DeliverBatch) -> None:
         """Join the channel; the delivery thread hands over runs of one origin and topic at a time."""

@@ -7,12 +7,12 @@ primary. Outside such a worker, ``subscribe`` raises ``RuntimeError``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from ..hub import Message
 from ..link import DeliverBatch, WorkerLink, current_link
 from ..wire import BROADCAST, MAX_WORKERS
-from .base import Deliver, DriverFactory, check_channel
+from .base import Deliver, DriverFactory, check_channel, one_by_one
 
 __all__ = ["cluster", "ClusterDriver"]
 
@@ -37,12 +37,7 @@ class ClusterDriver:
 
     def subscribe(self, deliver: Deliver) -> None:
         """Join the channel; raises ``RuntimeError`` outside a worker."""
-
-        def deliver_batch(namespace: str, topic: str, origin: str, datas: List[bytes]) -> None:
-            for data in datas:
-                deliver(Message(namespace, topic, data, origin))
-
-        self.subscribe_batch(deliver_batch)
+        self.subscribe_batch(one_by_one(deliver))
 
     def subscribe_batch(self, deliver_batch: DeliverBatch) -> None:
         """Join the channel, taking messages a run at a time: ``deliver_batch(namespace, topic, origin, datas)``."""
