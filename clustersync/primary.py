@@ -292,7 +292,17 @@ class Primary:
             self._loop_thread = outer
 
     def poll(self, timeout: Optional[float]) -> None:
-        """One turn of the loop: wait up to ``timeout`` for events, handle them, flush."""
+        """One turn of the loop: wait up to ``timeout`` for events, handle them, flush.
+
+        The wait is cut short for the primary's own timers (liveness pings, stops
+        waiting for answers).
+        """
+        if self.timeout is not None or self._stop_groups:
+            now = time.monotonic()
+            due = [self._next_liveness] if self.timeout is not None else []
+            due.extend(deadline for _, deadline in self._stop_groups)
+            soonest = max(0.0, min(due) - now)
+            timeout = soonest if timeout is None else min(timeout, soonest)
         for key, mask in self._sel.select(timeout):
             kind, w = key.data
             if kind == "io":

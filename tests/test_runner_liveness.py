@@ -22,7 +22,7 @@ def test_a_stopped_worker_is_killed_and_replaced_within_the_timeout() -> None:
         later = run.ready(1, after=len(run.lines) - 1, timeout=10)
         assert time.monotonic() - stopped_at < 1 + 1 + 1.5  # the timeout, one second, the replacement's boot
         assert later.get(0, pids[0]) != pids[0]
-        assert alive(pids[1])
+        assert alive(pids[1]), run.log
         run.signal(signal.SIGTERM)
         assert run.wait(15) == 0
 
