@@ -491,6 +491,15 @@ class ControlClient:
             result["cpu_s"] = cpu_seconds() - self.cpu_at_go
         self.conn.send(("result", self.wid, result))
 
+    def finish(self, result: dict, tracker, active: bool, deadline: float) -> None:
+        """A worker's last steps: add the receive checks, report, wait for the stop if idle, close."""
+        if tracker is not None:
+            result.update(tracker.result())
+        self.report(result)
+        if not active:
+            self.wait_stop(deadline)
+        self.close()
+
     def wait_stop(self, deadline: float) -> None:
         while not self._stopped:
             left = deadline - time.monotonic()
@@ -708,6 +717,14 @@ def run_isolated(fn, args: tuple, hard_timeout: float):
     if status != "ok":
         raise RunFailed(value.strip())
     return value
+
+
+def start_workers(ctx, target, args_of, spec: Spec, procs: list) -> None:
+    """Start a daemon process per worker id running ``target(*args_of(wid))``; append each to ``procs``."""
+    for wid in range(spec.workers):
+        p = ctx.Process(target=target, args=args_of(wid), daemon=True)
+        p.start()
+        procs.append(p)
 
 
 def kill_processes(procs, grace: float = 2.0) -> None:

@@ -142,12 +142,7 @@ def _worker(wid: int, spec_d: dict, ctl_address: str, authkey: bytes) -> None:
             hub.close()  # flushes what is still queued for the other workers
     except BaseException:
         res.setdefault("error", traceback.format_exc())
-    if tracker is not None:
-        res.update(tracker.result())
-    ctl.report(res)
-    if wid not in spec.active:
-        ctl.wait_stop(deadline)
-    ctl.close()
+    ctl.finish(res, tracker, wid in spec.active, deadline)
 
 
 def conduct(spec_d: dict) -> dict:

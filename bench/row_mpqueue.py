@@ -23,6 +23,7 @@ from .common import (
     check_deadline,
     finish,
     kill_processes,
+    start_workers,
     latency_summary,
     receive_all,
 )
@@ -95,12 +96,7 @@ def _worker(queues: list, wid: int, spec_d: dict, ctl_args: tuple) -> None:
                 receive_all(lambda: _get(inbox, spec.deadline), tracker.feed, spec.deadline)
     except BaseException:
         res["error"] = traceback.format_exc()
-    if tracker is not None:
-        res.update(tracker.result())
-    ctl.report(res)
-    if wid not in spec.active:
-        ctl.wait_stop(spec.deadline)
-    ctl.close()
+    ctl.finish(res, tracker, wid in spec.active, spec.deadline)
 
 
 def conduct(spec_d: dict) -> dict:
@@ -110,10 +106,7 @@ def conduct(spec_d: dict) -> dict:
     queues = [ctx.Queue() for _ in range(spec.workers)]
     procs = []
     try:
-        for wid in range(spec.workers):
-            p = ctx.Process(target=_worker, args=(queues, wid, spec.to_dict(), ctl.client_args), daemon=True)
-            p.start()
-            procs.append(p)
+        start_workers(ctx, _worker, lambda wid: (queues, wid, spec.to_dict(), ctl.client_args), spec, procs)
         ctl.start()
         ctl.watch({wid: p.pid for wid, p in enumerate(procs)})
         results = ctl.wait_results(spec.deadline + 5.0)

@@ -108,12 +108,7 @@ def _worker(sock: socket.socket, inherited: list, wid: int, spec_d: dict, ctl_ar
             _throughput(sock, wid, spec, tracker, res)
     except BaseException:
         res["error"] = traceback.format_exc()
-    if tracker is not None:
-        res.update(tracker.result())
-    ctl.report(res)
-    if wid not in spec.active:
-        ctl.wait_stop(spec.deadline)
-    ctl.close()
+    ctl.finish(res, tracker, wid in spec.active, spec.deadline)
     sock.close()
 
 

@@ -30,6 +30,7 @@ from .common import (
     finish,
     free_port,
     kill_processes,
+    start_workers,
     latency_summary,
     receive_all,
     topic_name,
@@ -196,12 +197,7 @@ def _worker(port: int, wid: int, spec_d: dict, ctl_args: tuple) -> None:
                 receive_all(next_data, tracker.feed, deadline)
     except BaseException:
         res["error"] = traceback.format_exc()
-    if tracker is not None:
-        res.update(tracker.result())
-    ctl.report(res)
-    if wid not in spec.active:
-        ctl.wait_stop(deadline)
-    ctl.close()
+    ctl.finish(res, tracker, wid in spec.active, deadline)
     try:
         ps.close()
         client.close()
@@ -219,10 +215,7 @@ def conduct(spec_d: dict) -> dict:
         server, port = start_server()
         ctl = Control(spec.workers, spec.active)
         ctl.aux_pids["redis-server"] = server.pid
-        for wid in range(spec.workers):
-            p = ctx.Process(target=_worker, args=(port, wid, spec.to_dict(), ctl.client_args), daemon=True)
-            p.start()
-            procs.append(p)
+        start_workers(ctx, _worker, lambda wid: (port, wid, spec.to_dict(), ctl.client_args), spec, procs)
         ctl.start()
         ctl.watch({wid: p.pid for wid, p in enumerate(procs)})
         results = ctl.wait_results(spec.deadline + 5.0)

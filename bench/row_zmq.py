@@ -31,6 +31,7 @@ from .common import (
     check_deadline,
     finish,
     kill_processes,
+    start_workers,
     latency_summary,
     receive_all,
 )
@@ -185,12 +186,7 @@ def _worker(front: str, back: str, wid: int, spec_d: dict, ctl_args: tuple) -> N
                 receive_all(next_data, tracker.feed, deadline)
     except BaseException:
         res["error"] = traceback.format_exc()
-    if tracker is not None:
-        res.update(tracker.result())
-    ctl.report(res)
-    if wid not in spec.active:
-        ctl.wait_stop(deadline)
-    ctl.close()
+    ctl.finish(res, tracker, wid in spec.active, deadline)
     # a publisher's queued messages may still be on their way to slower receivers:
     # let them go until the deadline rather than dropping them
     linger = max(0, int((deadline - time.monotonic()) * 1000))
@@ -213,10 +209,7 @@ def conduct(spec_d: dict) -> dict:
         proxy.start()
         procs.append(proxy)
         ctl.aux_pids["proxy"] = proxy.pid
-        for wid in range(spec.workers):
-            p = ctx.Process(target=_worker, args=(front, back, wid, spec.to_dict(), ctl.client_args), daemon=True)
-            p.start()
-            procs.append(p)
+        start_workers(ctx, _worker, lambda wid: (front, back, wid, spec.to_dict(), ctl.client_args), spec, procs)
         ctl.start()
         ctl.watch({wid: p.pid for wid, p in enumerate(procs[1:])})
         results = ctl.wait_results(spec.deadline + 5.0)
