@@ -206,8 +206,9 @@ def test_primary_rejects_bad_options() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_worker_exits_when_the_primary_dies(tmp_path: Any) -> None:
-    """SIGKILL the primary: its worker sees the pipe close and exits within 2 s."""
+@pytest.mark.parametrize("target", ["sleeper", "busy"])
+def test_worker_exits_when_the_primary_dies(tmp_path: Any, target: str) -> None:
+    """SIGKILL the primary, idle or under heavy traffic: every worker sees its pipe close and exits within 2 s."""
     script = tmp_path / "primary.py"
     script.write_text(
         textwrap.dedent(
@@ -220,8 +221,8 @@ def test_worker_exits_when_the_primary_dies(tmp_path: Any) -> None:
             if __name__ == "__main__":
                 q = multiprocessing.get_context("fork").SimpleQueue()
                 p = Primary(start_method="fork")
-                p.fork(workers.sleeper, q)
-                p.fork(workers.sleeper, q)
+                p.fork(workers.{target}, q)
+                p.fork(workers.{target}, q)
                 print(q.get(), q.get(), flush=True)
                 p.join()
             """

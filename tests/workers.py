@@ -301,3 +301,13 @@ def churn(received: Any, gaps: Any, stop: Any, pace: int) -> None:
             i += 1
         time.sleep(0.005)
     hub.close()
+
+
+def busy(results: Any) -> None:
+    """Report the pid, then publish to the other workers without pause until the pipe closes."""
+    hub = Hub(sync=cluster(channel="busy"))
+    hub.subscribe("t", lambda m: None)  # the relay starts routing once the primary's loop runs
+    results.put(os.getpid())
+    data = b"x" * 512
+    while True:
+        hub.publish("t", data)
