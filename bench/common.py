@@ -239,6 +239,35 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(0, min(len(sorted_values) - 1, k))]
 
 
+def ping_pong(wid: int, spec: "Spec", send, receive, tracker, make, res: dict, deadline: float) -> None:
+    """The latency scenario for a row whose worker sends with ``send(payload)`` and blocks in ``receive()``.
+
+    Worker 0 pings and times each round trip (into ``res["latency"]``); worker 1
+    answers each ping; the others stay idle.
+    """
+    if wid == 0:
+        rtts = []
+        perf = time.perf_counter_ns
+        res["t_first_pub"] = time.monotonic()
+        for k in range(spec.messages):
+            check_deadline(deadline)
+            t0 = perf()
+            send(make(k))
+            res["published"] = k + 1
+            data = receive()
+            t1 = perf()
+            tracker.feed(data)
+            if k >= spec.warmup:
+                rtts.append(t1 - t0)
+        res["latency"] = latency_summary(rtts)
+    elif wid == 1:
+        for k in range(spec.messages):
+            check_deadline(deadline)
+            tracker.feed(receive())
+            send(make(k))
+            res["published"] = k + 1
+
+
 def latency_summary(rtts_ns: list[int]) -> dict:
     s = sorted(rtts_ns)
     return {

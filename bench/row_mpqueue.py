@@ -24,7 +24,7 @@ from .common import (
     finish,
     kill_processes,
     start_workers,
-    latency_summary,
+    ping_pong,
     receive_all,
 )
 
@@ -56,29 +56,7 @@ def _worker(queues: list, wid: int, spec_d: dict, ctl_args: tuple) -> None:
         ctl.ready_and_wait(spec.deadline)
         make = PayloadMaker(wid, spec.payload)
         if spec.scenario == "latency":
-            if wid == 0:
-                dest = queues[1]
-                rtts = []
-                perf = time.perf_counter_ns
-                res["t_first_pub"] = time.monotonic()
-                for k in range(spec.messages):
-                    check_deadline(spec.deadline)
-                    t0 = perf()
-                    dest.put(make(k))
-                    res["published"] = k + 1
-                    data = _get(inbox, spec.deadline)
-                    t1 = perf()
-                    tracker.feed(data)
-                    if k >= spec.warmup:
-                        rtts.append(t1 - t0)
-                res["latency"] = latency_summary(rtts)
-            elif wid == 1:
-                dest = queues[0]
-                for k in range(spec.messages):
-                    check_deadline(spec.deadline)
-                    tracker.feed(_get(inbox, spec.deadline))
-                    dest.put(make(k))
-                    res["published"] = k + 1
+            ping_pong(wid, spec, queues[1 - wid].put, lambda: _get(inbox, spec.deadline), tracker, make, res, spec.deadline)
         else:
             if wid in spec.publishers:
                 dests = [queues[d] for d in spec.subscribers(wid)]

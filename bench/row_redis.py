@@ -31,7 +31,7 @@ from .common import (
     free_port,
     kill_processes,
     start_workers,
-    latency_summary,
+    ping_pong,
     receive_all,
     topic_name,
 )
@@ -157,27 +157,7 @@ def _worker(port: int, wid: int, spec_d: dict, ctl_args: tuple) -> None:
         make = PayloadMaker(wid, spec.payload)
         topic = topic_name(wid)
         if spec.scenario == "latency":
-            if wid == 0:
-                rtts = []
-                perf = time.perf_counter_ns
-                res["t_first_pub"] = time.monotonic()
-                for k in range(spec.messages):
-                    check_deadline(deadline)
-                    t0 = perf()
-                    client.publish(topic, make(k))
-                    res["published"] = k + 1
-                    data = next_data()
-                    t1 = perf()
-                    tracker.feed(data)
-                    if k >= spec.warmup:
-                        rtts.append(t1 - t0)
-                res["latency"] = latency_summary(rtts)
-            elif wid == 1:
-                for k in range(spec.messages):
-                    check_deadline(deadline)
-                    tracker.feed(next_data())
-                    client.publish(topic, make(k))
-                    res["published"] = k + 1
+            ping_pong(wid, spec, lambda payload: client.publish(topic, payload), next_data, tracker, make, res, deadline)
         else:
             if wid in spec.publishers:
                 pipe = client.pipeline(transaction=False)

@@ -32,7 +32,7 @@ from .common import (
     finish,
     kill_processes,
     start_workers,
-    latency_summary,
+    ping_pong,
     receive_all,
 )
 
@@ -150,27 +150,7 @@ def _worker(front: str, back: str, wid: int, spec_d: dict, ctl_args: tuple) -> N
                     return body
 
         if spec.scenario == "latency":
-            if wid == 0:
-                rtts = []
-                perf = time.perf_counter_ns
-                res["t_first_pub"] = time.monotonic()
-                for k in range(spec.messages):
-                    check_deadline(deadline)
-                    t0 = perf()
-                    pub.send_multipart([topic, make(k)])
-                    res["published"] = k + 1
-                    data = next_data()
-                    t1 = perf()
-                    tracker.feed(data)
-                    if k >= spec.warmup:
-                        rtts.append(t1 - t0)
-                res["latency"] = latency_summary(rtts)
-            elif wid == 1:
-                for k in range(spec.messages):
-                    check_deadline(deadline)
-                    tracker.feed(next_data())
-                    pub.send_multipart([topic, make(k)])
-                    res["published"] = k + 1
+            ping_pong(wid, spec, lambda payload: pub.send_multipart([topic, payload]), next_data, tracker, make, res, deadline)
         else:
             if is_pub:
                 send = pub.send_multipart

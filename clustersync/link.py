@@ -19,7 +19,6 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._log import RateLimitedLog, logger
-from .hub import Message
 from .wire import (
     ACK,
     BROADCAST,
@@ -55,7 +54,6 @@ ORPHAN_GRACE = 1.0
 _current: Optional["WorkerLink"] = None
 _ratelimited = RateLimitedLog()
 
-Deliver = Callable[[Message], Any]
 #: ``deliver_batch(namespace, topic, origin, datas)``: many messages of one origin and topic at once.
 DeliverBatch = Callable[[str, str, str, List[bytes]], Any]
 _pack_size = SIZE.pack
@@ -98,7 +96,6 @@ class WorkerLink:
         self._pending = 0  # bytes in _runs
         self._inflight = 0  # bytes taken by the writer and not yet written
         self._writer_waiting = False
-        self._space_waiters = 0
         self._closing = False
         self._closed = False
         self._members: Dict[bytes, Tuple[Tuple[bytes, DeliverBatch], ...]] = {}
@@ -221,16 +218,12 @@ class WorkerLink:
 
     def _wait_for_room(self, size: int) -> None:
         """With the lock held: wait for room in the outgoing buffer, or raise ``BufferError``."""
-        self._space_waiters += 1
-        try:
-            ok = self._cond.wait_for(
-                lambda: self._pending + self._inflight + size <= self.out_limit
-                or not self._pending
-                or self._closed,
-                self.publish_block,
-            )
-        finally:
-            self._space_waiters -= 1
+        ok = self._cond.wait_for(
+            lambda: self._pending + self._inflight + size <= self.out_limit
+            or not self._pending
+            or self._closed,
+            self.publish_block,
+        )
         if not ok:
             self.dropped += 1
             raise BufferError(

@@ -352,12 +352,7 @@ class Primary:
                     silent,
                     timeout,
                 )
-                w.kill_reason = f"silent for over {timeout:g} s"
-                self._disconnect(w)
-                try:
-                    w.process.kill()
-                except Exception:
-                    pass
+                self._kill(w, f"silent for over {timeout:g} s")
             else:
                 self.ping(w)
 
@@ -550,7 +545,11 @@ class Primary:
             clen,
             origin,
         )
-        w.kill_reason = "malformed frame"
+        self._kill(w, "malformed frame")
+
+    def _kill(self, w: WorkerHandle, reason: str) -> None:
+        """Cut ``w`` off and SIGKILL it; ``reason`` is kept for whoever reports its exit."""
+        w.kill_reason = reason
         self._disconnect(w)
         try:
             w.process.kill()

@@ -200,7 +200,6 @@ def slow_consumer(results: Any, go: Any, again: Any, count: int) -> None:
 def garbage(results: Any, mode: str) -> None:
     """Write bytes that break the wire format straight to the pipe, then wait to be stopped."""
     import random
-    import struct
 
     from clustersync.link import current_link
     from clustersync.wire import DATA, HEADER
