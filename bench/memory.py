@@ -14,7 +14,7 @@ import time
 from typing import Any, List, Optional
 
 from clustersync import Hub, current_worker
-from clustersync.primary import Primary
+from clustersync.relay.primary import Primary
 from clustersync.sync import cluster
 
 from .soak import _rss_kib

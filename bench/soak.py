@@ -3,8 +3,9 @@
     python -m bench.soak churn --minutes 5     # SIGKILL a random worker every 300 ms, replace it
     python -m bench.soak stuck --minutes 2     # SIGSTOP one worker while the others publish
 
-Each prints its figures every few seconds and a summary at the end, and
-exits non-zero if a promise broke. ``tests/test_soak.py`` runs both briefly.
+Each prints its figures every few seconds and a summary at the end (JSON,
+the last thing on stdout), and exits non-zero if a promise broke.
+``tests/test_soak.py`` runs both briefly (``--seconds``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from clustersync import Hub, Message, current_worker
-from clustersync.primary import Primary, WorkerHandle
+from clustersync.relay.primary import Primary, WorkerHandle
 from clustersync.sync import cluster
 
 WORKERS = 4
@@ -132,7 +133,13 @@ class Cluster:
         )
 
     def run(self, until: Callable[[], bool], timeout: float) -> bool:
-        return self.primary.run(until, timeout)
+        """Wait until ``until()`` holds, up to ``timeout`` seconds (the relay runs on its own thread)."""
+        deadline = time.monotonic() + timeout
+        while not until():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     def pid(self, index: int) -> int:
         return self.primary._workers[index].pid
@@ -294,10 +301,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario", choices=["churn", "stuck"])
     parser.add_argument("--minutes", type=float, default=1.0)
+    parser.add_argument("--seconds", type=float, help="the length in seconds (instead of --minutes)")
+    parser.add_argument("--interval", type=float, default=0.3, help="churn: seconds between kills")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
-    seconds = args.minutes * 60
-    figures = run_churn(seconds, seed=args.seed) if args.scenario == "churn" else run_stuck(seconds)
+    seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    if args.scenario == "churn":
+        figures = run_churn(seconds, interval=args.interval, seed=args.seed)
+    else:
+        figures = run_stuck(seconds)
     print(json.dumps(figures, indent=2))
     return 0 if figures["ok"] else 1
 

@@ -1,19 +1,55 @@
-"""clustersync: pub/sub across the worker processes of one host, with the standard library alone."""
+"""clustersync: pub/sub across the worker processes of one host, with the standard library alone.
 
-from .hub import Hub, Message, Subscription, SubscriptionClosed
-from .sockets import listen_sockets
-from .worker import WorkerContext, current_worker, notify_ready
+Importing this package loads no relay module: ``setup_primary_cluster``,
+``current_worker``, ``notify_ready``, ``WorkerContext`` and
+``listen_sockets`` are imported on first use.
+"""
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
+
+from .hub import Hub
+from .message import Address, DestinationUnreachable, Message
+from .topics import Subscription, SubscriptionClosed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .relay.primary import Primary, setup_primary_cluster
+    from .relay.worker import WorkerContext, current_worker, notify_ready
+    from .runner.sockets import listen_sockets
+
+__version__ = "0.2.0"
 
 __all__ = [
+    "Address",
+    "DestinationUnreachable",
     "Hub",
     "Message",
+    "Primary",
     "Subscription",
     "SubscriptionClosed",
     "WorkerContext",
     "current_worker",
     "listen_sockets",
     "notify_ready",
+    "setup_primary_cluster",
     "__version__",
 ]
+
+_LAZY = {
+    "Primary": "relay.primary",
+    "setup_primary_cluster": "relay.primary",
+    "WorkerContext": "relay.worker",
+    "current_worker": "relay.worker",
+    "notify_ready": "relay.worker",
+    "listen_sockets": "runner.sockets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 
-from clustersync import Hub
-from clustersync.primary import Primary
+from clustersync import Address, Hub
+from clustersync.relay.primary import Primary
 from clustersync.sync import cluster, setup_primary_cluster
 
 from . import workers
@@ -35,17 +35,13 @@ def run_workers(
         for _ in range(n):
             primary.fork(target, results, barrier, *args)
         deadline = time.monotonic() + timeout
-        # Relay while collecting: a worker may wait on the others before it exits.
-        while len(out) < n and time.monotonic() < deadline:
-            if not primary.workers and results.empty():
-                break  # every worker is gone; the assertion below says which did not report
-            primary.run(lambda: False, timeout=0.05)
+        # The relay runs on its own thread: this thread only collects.
+        while len(out) < n:
             try:
-                while True:
-                    item = results.get_nowait()
-                    out[item[0]] = item
+                item = results.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                pass
+                break
+            out[item[0]] = item
         assert len(out) == n, f"only workers {sorted(out)} reported"
         assert primary.join(timeout=20), "workers did not exit"
         for w in primary.exited:
@@ -173,7 +169,7 @@ def test_setup_primary_cluster_twice_returns_the_same_object() -> None:
 
 
 def test_cluster_subscribe_outside_a_worker_raises() -> None:
-    driver = cluster(channel="x")("hub-id")
+    driver = cluster(channel="x")(Address(-1, "hub-id"))
     with pytest.raises(RuntimeError, match="setup_primary_cluster"):
         driver.subscribe(lambda m: None)
     errors: List[Any] = []
@@ -216,7 +212,7 @@ def test_worker_exits_when_the_primary_dies(tmp_path: Any, target: str) -> None:
             import sys
             sys.path.insert(0, {os.getcwd()!r})
             import multiprocessing
-            from clustersync.primary import Primary
+            from clustersync.relay.primary import Primary
             from tests import workers
             if __name__ == "__main__":
                 q = multiprocessing.get_context("fork").SimpleQueue()
@@ -278,35 +274,37 @@ def test_slow_worker_drops_only_its_own() -> None:
     def collect(kind: str, want: int) -> List[Any]:
         items: List[Any] = []
 
-        def poll() -> bool:
+        deadline = time.monotonic() + 30
+        while len(items) < want:
             try:
-                while True:
-                    item = results.get_nowait()
-                    assert item[0] == kind, item
-                    items.append(item)
+                item = results.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                pass
-            return len(items) >= want
-
-        assert primary.run(poll, timeout=30), f"waited for {want} {kind!r}, got {items}"
+                raise AssertionError(f"waited for {want} {kind!r}, got {items}") from None
+            assert item[0] == kind, item
+            items.append(item)
         return items
 
     try:
         handles = [primary.fork(workers.slow_consumer, results, go, again, count) for _ in range(3)]
         collect("ready", 3)
-        os.kill(handles[2].pid, signal.SIGSTOP)
+        # Worker 2's queue feeder may still hold the queue's shared write lock right after its
+        # "ready" arrived; stopping it then would block the other workers' puts. Wait it out.
+        with results._wlock:  # type: ignore[attr-defined]
+            os.kill(handles[2].pid, signal.SIGSTOP)
         stopped = True
         go.set()
         done = collect("done", 1)
         assert done[0][1:] == (1, count + 1)  # the healthy worker got everything
-        stats = {w["index"]: w for w in primary.stats()["exited"] + primary.stats()["workers"]}
+        snapshot = primary.stats()
+        stats = {w["index"]: w for w in snapshot["exited"] + snapshot["workers"]}
         assert stats[2]["dropped"] > 0 and stats[1]["dropped"] == 0
         assert stats[2]["buffered"] <= max_buffer
         os.kill(handles[2].pid, signal.SIGCONT)
         stopped = False
         again.set()
         done = collect("done", 1)
-        stats = {w["index"]: w for w in primary.stats()["workers"] + primary.stats()["exited"]}
+        snapshot = primary.stats()
+        stats = {w["index"]: w for w in snapshot["workers"] + snapshot["exited"]}
         received = done[0][2]
         assert received + stats[2]["dropped"] == count + 1  # exact: every message got or counted
         assert primary.join(20)

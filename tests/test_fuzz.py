@@ -9,15 +9,17 @@ import json
 import os
 import random
 import socket
-from typing import Any, Iterator
+from typing import Any, Iterator, List
 
 import pytest
 
-from clustersync import Message
+from clustersync import Address, Message
 from clustersync.codec import Codec
-from clustersync.primary import Primary, WorkerHandle
+from clustersync.relay.link import WorkerLink
+from clustersync.relay.loop import Loop
+from clustersync.relay.router import Peer, Router
+from clustersync.relay.wire import DATA, ProtocolError, check_records, pack_frame, pack_record, parse_records
 from clustersync.sync import decode_envelope, encode_envelope
-from clustersync.wire import DATA, HEADER, ProtocolError, iter_records, pack_record
 
 SEED = int(os.environ.get("CLUSTERSYNC_FUZZ_SEED", random.SystemRandom().randrange(2**32)))
 CASES = 3000
@@ -80,7 +82,7 @@ def test_codec_decode_of_random_bytes_raises_only_value_error(rng: random.Random
 
 
 def test_decode_envelope_never_raises(rng: random.Random) -> None:
-    good = encode_envelope("h", Message("n", "t", b"data", "h"))
+    good = encode_envelope(Address(0, "h"), Message("n", "t", b"data", Address(0, "h")))
     for _ in range(CASES):
         choice = rng.randrange(4)
         if choice == 0:
@@ -93,72 +95,99 @@ def test_decode_envelope_never_raises(rng: random.Random) -> None:
         else:
             raw = json.dumps(random_value(rng, 1))
         result = decode_envelope(raw)
-        assert result is None or (isinstance(result[0], str) and isinstance(result[1], Message)), _seed()
+        assert result is None or (isinstance(result[0], Address) and isinstance(result[1], Message)), _seed()
 
 
 def test_envelope_round_trip(rng: random.Random) -> None:
     for _ in range(CASES // 3):
         data = rng.randbytes(rng.randrange(50)) if rng.random() < 0.5 else str(random_value(rng, 3))
-        msg = Message(str(rng.random()), str(rng.randrange(99)), data, "hub")
-        assert decode_envelope(encode_envelope("hub", msg)) == ("hub", msg), _seed()
+        msg = Message(str(rng.random()), str(rng.randrange(99)), data, Address(rng.randrange(-1, 9), "hub"))
+        assert decode_envelope(encode_envelope(msg.origin, msg)) == (msg.origin, msg, None), _seed()
 
 
-def test_record_parser_raises_only_protocol_error(rng: random.Random) -> None:
-    valid = pack_record(b"o", b"ns", b"t", b"data") + pack_record(b"o", b"ns", b"t", b"more", same=True)
+def _mutated(rng: random.Random, valid: bytes) -> bytes:
+    if rng.random() < 0.3:
+        return rng.randbytes(rng.randrange(60))
+    body = bytearray(valid)
+    for _ in range(rng.randrange(1, 4)):
+        body[rng.randrange(len(body))] = rng.randrange(256)
+    return bytes(body[: rng.randrange(len(body) + 1)])
+
+
+VALID = (
+    pack_record(b"o", b"ns", b"t", b"data")
+    + pack_record(b"o", b"ns", b"t", b"more", same=True)
+    + pack_record(b"p", b"", b"u", b"x", to=b"h")
+)
+
+
+def test_both_record_parsers_raise_only_protocol_error_and_agree(rng: random.Random) -> None:
+    """The primary's check and the worker's parser accept exactly the same bodies, and raise nothing else."""
     for _ in range(CASES):
-        if rng.random() < 0.5:
-            body = rng.randbytes(rng.randrange(40))
-        else:
-            body = bytearray(valid)
-            for _ in range(rng.randrange(1, 4)):
-                body[rng.randrange(len(body))] = rng.randrange(256)
-            body = bytes(body[: rng.randrange(len(body) + 1)])
+        body = _mutated(rng, VALID)
         try:
-            for origin, ns, topic, data in iter_records(body):
-                assert all(isinstance(x, bytes) for x in (origin, ns, topic, data))
+            runs = parse_records(body)
         except ProtocolError:
-            pass
+            runs = None
+        count = sum(len(run[4]) for run in runs) if runs is not None else 3
+        try:
+            check_records(body, 0, len(body), count)
+            checked = True
+        except ProtocolError:
+            checked = False
+        assert checked == (runs is not None and count > 0), f"{body!r} {_seed()}"
 
 
 def test_record_round_trip(rng: random.Random) -> None:
+    def name(n: int) -> bytes:
+        return "".join(rng.choice("abcé") for _ in range(n)).encode()
+
     for _ in range(CASES // 10):
         records = []
         body = b""
         prev = None
         for _ in range(rng.randrange(1, 10)):
-            meta = prev if prev and rng.random() < 0.5 else (rng.randbytes(3), rng.randbytes(rng.randrange(3)), rng.randbytes(2))
+            meta = prev if prev and rng.random() < 0.5 else (name(3), name(rng.randrange(3)), name(2), name(1))
             data = rng.randbytes(rng.randrange(20))
-            body += pack_record(*meta, data, same=meta is prev)
-            records.append((*meta, data))
+            body += pack_record(meta[0], meta[1], meta[2], data, same=meta is prev, to=meta[3])
+            records.append((meta[0].decode(), meta[3].decode(), meta[1].decode(), meta[2].decode(), data))
             prev = meta
-        assert list(iter_records(body)) == records, _seed()
+        check_records(body, 0, len(body), len(records))
+        flat = [(o, to, ns, t, d) for o, to, ns, t, datas in parse_records(body) for d in datas]
+        assert flat == records, _seed()
 
 
-class _Process:
-    """Stands in for a worker process: the primary may kill it."""
-
-    pid = 0
-    exitcode = None
-    killed = False
-    sentinel = None
-
-    def kill(self) -> None:
-        self.killed = True
-
-
-def test_primary_frame_parser_survives_random_bytes(rng: random.Random) -> None:
-    """Random and mutated frames: the primary routes valid ones and drops the connection on the first bad one."""
-    primary = Primary(start_method="fork")
+def test_worker_frame_handler_drops_what_does_not_parse(rng: random.Random) -> None:
+    """The worker's reader hands every DATA frame to ``WorkerLink._frame``: it raises only ProtocolError."""
+    ours, theirs = socket.socketpair()
     try:
+        link = WorkerLink(ours, 1, max_message=1 << 20, out_limit=1 << 20, publish_block=0.1)
+        got: List[Any] = []
+        link._members[b"c"] = (("h", lambda ns, t, o, datas: got.append(len(datas)), None),)
+        for _ in range(CASES):
+            try:
+                link._frame(DATA, b"c", 0, 0xFFFF, 1, _mutated(rng, VALID))
+            except ProtocolError:
+                pass
+        link._frame(DATA, b"c", 0, 0xFFFF, 3, VALID)
+        assert got[-2:] == [2, 1]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_router_survives_random_bytes(rng: random.Random) -> None:
+    """Random and mutated frames: the router relays valid ones and cuts the sender off at the first bad one."""
+    loop = Loop()
+    broken: List[str] = []
+    router = Router(loop, max_buffer=1 << 20, max_message=1 << 16,
+                    on_control=lambda *a: None, on_broken=lambda p, why: broken.append(why))
+    try:
+        valid = pack_frame(DATA, b"chan!", 0, body=pack_record(b"o", b"x", b"t", b"data"), count=1)
         for case in range(300):
             ours, theirs = socket.socketpair()
-            theirs.setblocking(False)
-            proc = _Process()
-            w = WorkerHandle(0, proc, ours)
-            ours.setblocking(False)
-            primary._workers[0] = w
-            primary._sel.register(ours, 1, ("io", w))
-            valid = HEADER.pack(5 + 4 + len(b"oxt") + 4, DATA, 5, 0, 0xFFFF, 1) + b"chan!" + pack_record(b"o", b"x", b"t", b"data")
+            peer = Peer(0, ours)
+            router.add(peer)
             if rng.random() < 0.3:
                 raw = rng.randbytes(rng.randrange(200))
             else:
@@ -169,10 +198,9 @@ def test_primary_frame_parser_survives_random_bytes(rng: random.Random) -> None:
             theirs.sendall(raw)
             theirs.close()
             for _ in range(5):
-                if not w.connected:
+                if not peer.connected:
                     break
-                primary._read(w)  # must never raise
-            assert not w.connected, f"case {case} {_seed()}"
-            primary._workers.pop(0, None)
+                router.read(peer)  # must never raise
+            assert not peer.connected, f"case {case} {_seed()}"
     finally:
-        primary.close()
+        loop.close()

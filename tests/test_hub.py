@@ -9,8 +9,10 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from clustersync import Hub, Message, Subscription, SubscriptionClosed
+from clustersync import Address, Hub, Message, Subscription, SubscriptionClosed
 from clustersync.codec import Codec
+
+from .conftest import wait_for
 
 
 def test_local_subscriber_gets_message_before_publish_returns() -> None:
@@ -18,8 +20,8 @@ def test_local_subscriber_gets_message_before_publish_returns() -> None:
     got: List[Message] = []
     hub.subscribe("chat", got.append)
     hub.publish("chat", "hi")
-    assert got == [Message("", "chat", "hi", hub.id)]
-    assert got[0].origin == hub.id
+    assert got == [Message("", "chat", "hi", hub.address)]
+    assert got[0].origin == hub.address
 
 
 @pytest.mark.parametrize(
@@ -127,19 +129,24 @@ def test_an_on_error_that_raises_is_contained(caplog: pytest.LogCaptureFixture) 
     assert "on_error raised" in caplog.text
 
 
+OTHER = Address(7, "other")
+
+
 class FailingDriver:
+    capabilities: frozenset = frozenset()
+
     def __init__(self, fail_publish: bool = False, fail_subscribe: bool = False) -> None:
         self.fail_publish = fail_publish
         self.fail_subscribe = fail_subscribe
         self.deliver: Any = None
         self.closed = 0
 
-    def subscribe(self, deliver: Any) -> None:
+    def subscribe(self, deliver: Any, on_unreachable: Any = None) -> None:
         if self.fail_subscribe:
             raise ConnectionError("backplane down")
         self.deliver = deliver
 
-    def publish(self, msg: Message) -> None:
+    def publish(self, msg: Message, to: Any = None) -> None:
         if self.fail_publish:
             raise ConnectionError("lost")
 
@@ -166,9 +173,9 @@ def test_backplane_failures_reach_on_error_with_their_stage() -> None:
     assert errors[-1] == ("lost", "publish")
 
     # A payload that does not decode is a delivery error, and the hub goes on.
-    driver.deliver(Message("", "t", b"?garbage", "other"))
+    driver.deliver(Message("", "t", b"?garbage", OTHER))
     assert errors[-1][1] == "delivery"
-    driver.deliver(Message("", "t", b"sok", "other"))
+    driver.deliver(Message("", "t", b"sok", OTHER))
     assert got == ["x", "ok"]
     hub.close()
     assert driver.closed == 1
@@ -179,9 +186,9 @@ def test_remote_echo_and_other_namespaces_are_ignored() -> None:
     hub = Hub(sync=lambda hub_id: driver)
     got: List[Any] = []
     hub.subscribe("t", lambda m: got.append(m.data))
-    driver.deliver(Message("", "t", b"sown", hub.id))
-    driver.deliver(Message("other", "t", b"sns", "x"))
-    driver.deliver(Message("", "t", b"syes", "x"))
+    driver.deliver(Message("", "t", b"sown", hub.address))
+    driver.deliver(Message("other", "t", b"sns", OTHER))
+    driver.deliver(Message("", "t", b"syes", OTHER))
     assert got == ["yes"]
 
 
@@ -219,12 +226,16 @@ def test_queue_subscription_get_iter_and_timeout() -> None:
 
 
 def test_get_wakes_up_when_another_thread_publishes() -> None:
+    """A waiting get() is woken by the publish itself, not by its own timeout."""
     hub = Hub()
     sub = hub.subscribe("t")
-    t = threading.Thread(target=hub.publish, args=("t", "late"))
+    got: List[Any] = []
+    t = threading.Thread(target=lambda: got.append(sub.get(timeout=30).data))
     t.start()
-    assert sub.get(timeout=5).data == "late"
-    t.join()
+    wait_for(lambda: sub._queue.cond._waiters, timeout=5)  # type: ignore[attr-defined]
+    hub.publish("t", "late")
+    t.join(5)  # far less than get()'s own timeout: only a wake-up ends it this soon
+    assert got == ["late"]
 
 
 def test_queue_overflow_drops_the_oldest_and_counts() -> None:
@@ -246,15 +257,27 @@ def test_context_manager_subscription() -> None:
 
 
 def test_async_for_local() -> None:
+    """``async for`` wakes for a publish from its own loop and from another thread, and ends on unsubscribe."""
     hub = Hub()
     sub = hub.subscribe("t")
 
+    async def until_waiting() -> None:
+        while not sub._waiters:
+            await asyncio.sleep(0)
+
+    async def produce() -> None:
+        await until_waiting()
+        hub.publish("t", "a")
+        await until_waiting()
+        threading.Thread(target=hub.publish, args=("t", "b")).start()
+        await until_waiting()
+        sub.unsubscribe()
+
     async def main() -> List[Any]:
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.01, hub.publish, "t", "a")
-        loop.call_later(0.02, lambda: threading.Thread(target=hub.publish, args=("t", "b")).start())
-        loop.call_later(0.2, sub.unsubscribe)
-        return [m.data async for m in sub]
+        producer = asyncio.ensure_future(produce())
+        out = [m.data async for m in sub]
+        await producer
+        return out
 
     assert asyncio.run(asyncio.wait_for(main(), 5)) == ["a", "b"]
 
@@ -275,6 +298,6 @@ def test_a_remote_batch_reaches_subscribers_message_by_message() -> None:
     order: List[str] = []
     hub.subscribe("t", lambda m: order.append("a" + m.data))
     hub.subscribe("t", lambda m: order.append("b" + m.data))
-    hub._on_remote_batch("", "t", "other", [b"s1", b"s2", b"?bad", b"s3"])
+    hub._on_remote_batch("", "t", OTHER, [b"s1", b"s2", b"?bad", b"s3"])
     assert order == ["a1", "b1", "a2", "b2", "a3", "b3"]
     assert hub.stats()["errors"] == 1 and hub.stats()["received"] == 4

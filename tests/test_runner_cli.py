@@ -13,9 +13,11 @@ from typing import Dict, List
 
 import pytest
 
-from clustersync.cli import ENV, build_parser, config_from_args
-from clustersync.sockets import parse_address
-from clustersync.supervisor import Backoff, describe_exit, exit_status
+import clustersync
+
+from clustersync.runner.cli import ENV, build_parser, config_from_args
+from clustersync.runner.sockets import parse_address
+from clustersync.runner.supervisor import Backoff, describe_exit, exit_status
 
 from .runner_harness import ROOT, Run
 
@@ -39,7 +41,7 @@ def config(argv: List[str], environ: Dict[str, str]) -> object:
 
 def test_version() -> None:
     out = cli("--version")
-    assert out.returncode == 0 and out.stdout.strip() == "clustersync 0.1.0"
+    assert out.returncode == 0 and out.stdout.strip() == f"clustersync {clustersync.__version__}"
 
 
 def test_help_explains_options_environment_signals_and_statuses() -> None:

@@ -40,7 +40,7 @@ def exchange(results: Any, barrier: Any, channel: str, count: int, publishers: A
     others = [p for p in publishers if p != me.index]
     expected = count * len(others) + (count if me.index in publishers else 0)
     _wait(lambda: len(got) >= expected, 30)
-    results.put((me.index, hub.id, ready, got, hub.stats()))
+    results.put((me.index, hub.address, ready, got, hub.stats()))
     barrier.wait(30)  # nobody leaves before everybody has counted (a late duplicate would show)
     hub.close()
 
@@ -97,9 +97,8 @@ def unicast(results: Any, barrier: Any) -> None:
     assert hub.wait_ready(10)
     barrier.wait(20)
     if me == 0:
-        driver = hub._driver
         for i in range(10):
-            driver.publish_to(2, Message("", "t", hub._codec.encode(f"direct{i}"), hub.id))
+            hub.publish("t", f"direct{i}", to=2)
         hub.publish("t", "marker")
     else:
         _wait(lambda: "marker" in got, 10)
@@ -201,8 +200,8 @@ def garbage(results: Any, mode: str) -> None:
     """Write bytes that break the wire format straight to the pipe, then wait to be stopped."""
     import random
 
-    from clustersync.link import current_link
-    from clustersync.wire import DATA, HEADER
+    from clustersync.relay.link import current_link
+    from clustersync.relay.wire import DATA, HEADER
 
     me = current_worker().index
     sock = current_link()._sock

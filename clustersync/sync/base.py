@@ -1,21 +1,65 @@
-"""The driver interface every sync backplane implements."""
+"""The driver interface every sync backplane implements, and its optional capabilities.
+
+A driver factory is called once per hub with the hub's :class:`Address` and
+returns a :class:`SyncDriver`. What a driver can do beyond the three required
+methods it *declares* in :attr:`SyncDriver.capabilities`; the hub reads that
+set and never probes with ``hasattr``:
+
+- ``"batch"``: :class:`BatchSubscriber`, ``subscribe_batch(deliver_batch)``
+  hands over runs of one origin and topic at once;
+- ``"parts"``: :class:`PartsPublisher`, ``publish_parts(namespace, topic, data, to)``
+  takes the encoded parts without a ``Message`` (the hub's fast path);
+- ``"ready"``: :class:`Readiness`, ``wait_ready(timeout) -> bool``;
+- ``"stats"``: :class:`Stats`, ``stats() -> dict``.
+
+Every driver honours ``to=``: ``publish(msg, to)`` with ``to`` an
+:class:`Address` (one hub) or an ``int`` (every hub on the channel in that
+worker). ``on_unreachable(destination, count)``, given to ``subscribe``,
+reports addressed messages that found nobody; it may be called from any
+thread.
+
+This module imports neither the Hub nor the relay.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Protocol, runtime_checkable
+import os
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Protocol, runtime_checkable
 
-from ..hub import Message
-from ..link import DeliverBatch
+from ..message import Address, Destination, Message, check_channel
 
-__all__ = ["SyncDriver", "DriverFactory", "Deliver", "DeliverBatch", "check_channel", "one_by_one"]
+__all__ = [
+    "SyncDriver",
+    "DriverFactory",
+    "Deliver",
+    "DeliverBatch",
+    "OnUnreachable",
+    "BatchSubscriber",
+    "PartsPublisher",
+    "Readiness",
+    "Stats",
+    "CAPABILITIES",
+    "ClusterTransport",
+    "cluster_transport",
+    "install_cluster_transport",
+    "check_channel",
+    "one_by_one",
+]
 
+#: ``deliver(msg)``: one message from another hub (``msg.data`` is the encoded payload).
 Deliver = Callable[[Message], Any]
+#: ``deliver_batch(namespace, topic, origin, datas)``: many messages of one origin and topic at once.
+DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
+#: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
+OnUnreachable = Callable[[Destination, int], Any]
+
+CAPABILITIES = frozenset({"batch", "parts", "ready", "stats"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
-    """Adapt a per-message ``deliver(msg)`` to a batch-aware driver's ``deliver_batch``."""
+    """Adapt a per-message ``deliver(msg)`` to a ``deliver_batch``."""
 
-    def deliver_batch(namespace: str, topic: str, origin: str, datas: List[bytes]) -> None:
+    def deliver_batch(namespace: str, topic: str, origin: Address, datas: List[bytes]) -> None:
         for data in datas:
             deliver(Message(namespace, topic, data, origin))
 
@@ -26,38 +70,102 @@ def one_by_one(deliver: Deliver) -> DeliverBatch:
 class SyncDriver(Protocol):
     """What a driver factory returns, once per hub.
 
-    ``publish(msg)`` relays ``msg`` (its ``data`` is encoded ``bytes``) to the
-    other hubs on the channel; ``subscribe(deliver)`` is called once, and from
-    then on every message from another hub is passed to ``deliver``;
-    ``close()`` releases what the driver opened. A driver never hands a hub
-    its own messages back and never re-publishes what it delivers.
-
-    Optional: ``wait_ready(timeout) -> bool`` (the subscription is live) and
-    ``stats() -> dict`` (shown in ``Hub.stats()["driver"]``).
+    ``publish(msg, to)`` relays ``msg`` (its ``data`` is encoded ``bytes``) to
+    the other hubs on the channel, or to the ``to`` destination alone;
+    ``subscribe(deliver, on_unreachable)`` is called once, and from then on
+    every message from another hub is passed to ``deliver``; ``close()``
+    releases what the driver opened. A driver never hands a hub its own
+    messages back and never re-publishes what it delivers.
     """
 
-    def publish(self, msg: Message) -> None:
-        """Relay ``msg`` to the other hubs on the channel. May raise; the hub reports it."""
+    #: The optional capabilities this driver implements (a subset of :data:`CAPABILITIES`).
+    capabilities: FrozenSet[str]
 
-    def subscribe(self, deliver: Deliver) -> None:
+    def publish(self, msg: Message, to: Optional[Destination] = None) -> None:
+        """Relay ``msg`` to the other hubs on the channel (or to ``to``). May raise; the hub reports it."""
+
+    def subscribe(self, deliver: Deliver, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Start passing messages from other hubs to ``deliver``."""
 
     def close(self) -> None:
         """Stop and release resources. Called once, by ``Hub.close()``."""
 
 
-#: A driver factory: called once per hub with the hub's id, returns a driver.
-DriverFactory = Callable[[str], SyncDriver]
+class BatchSubscriber(Protocol):
+    """Capability ``"batch"``."""
+
+    def subscribe_batch(self, deliver_batch: DeliverBatch, on_unreachable: Optional[OnUnreachable] = None) -> None:
+        """Like ``subscribe``, a run of one origin and topic at a time."""
 
 
-def check_channel(channel: object) -> str:
-    """Return ``channel`` if it is a non-empty str of at most 255 UTF-8 bytes, else raise."""
-    if not isinstance(channel, str):
-        raise ValueError(
-            f"channel must be a non-empty str naming the cluster, not {type(channel).__name__}"
-        )
-    if not channel:
-        raise ValueError("channel must be a non-empty str naming the cluster")
-    if len(channel.encode("utf-8")) > 255:
-        raise ValueError("channel must be at most 255 bytes in UTF-8")
-    return channel
+class PartsPublisher(Protocol):
+    """Capability ``"parts"``."""
+
+    def publish_parts(self, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> None:
+        """Publish one encoded message without building a ``Message``."""
+
+
+class Readiness(Protocol):
+    """Capability ``"ready"``."""
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """True once the subscription is live on the backplane."""
+
+
+class Stats(Protocol):
+    """Capability ``"stats"``."""
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters, shown in ``Hub.stats()["driver"]``."""
+
+
+#: A driver factory: called once per hub with the hub's address, returns a driver.
+DriverFactory = Callable[[Address], SyncDriver]
+
+
+class ClusterTransport(Protocol):
+    """The worker's end of the relay, as the ``cluster`` driver sees it.
+
+    The relay installs one per worker process (:func:`install_cluster_transport`);
+    the driver only knows this protocol, never the relay's modules.
+    """
+
+    index: int
+    pid: int
+
+    def add_member(
+        self, channel: bytes, hub_id: bytes, deliver: DeliverBatch, on_unreachable: Optional[OnUnreachable]
+    ) -> int:
+        """Route ``channel`` to ``deliver``; return the sequence number ``wait_acked`` waits for."""
+
+    def remove_member(self, channel: bytes, hub_id: bytes) -> None:
+        """Stop routing ``channel`` to ``hub_id``."""
+
+    def wait_acked(self, channel: bytes, seq: int, timeout: Optional[float]) -> bool:
+        """Wait until the relay routes ``channel`` here."""
+
+    def publish(self, channel: bytes, dest: int, to_hub: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes) -> None:
+        """Queue one encoded message."""
+
+    def check_size(self, channel: bytes, origin: bytes, ns: bytes, topic: bytes, size: int) -> None:
+        """Raise ``ValueError`` if a message of this shape could not travel."""
+
+    def stats(self) -> Dict[str, Any]:
+        """The transport's counters."""
+
+
+_transport: Optional[ClusterTransport] = None
+
+
+def install_cluster_transport(transport: Optional[ClusterTransport]) -> None:
+    """Make ``transport`` this process's end of the relay (called by the relay in a new worker)."""
+    global _transport
+    _transport = transport
+
+
+def cluster_transport() -> Optional[ClusterTransport]:
+    """This worker's end of the relay, or None outside a worker (a forked child of a worker is not one)."""
+    t = _transport
+    if t is not None and t.pid != os.getpid():
+        return None
+    return t

@@ -1,49 +1,65 @@
 """``broadcast_channel``: hubs in one process (any threads) reach each other.
 
-Each subscribed driver owns a delivery thread and a bounded queue, so a
+Each subscribed driver owns a delivery thread and a bounded queue (the
+shared :class:`~clustersync.message.BoundedQueue`, oldest dropped), so a
 message is delivered on a thread of the receiving hub, never inside the
-publisher's call, and a slow hub only fills its own queue.
+publisher's call, and a slow hub only fills its own queue. ``to=`` is
+routed at once: the message is queued for the addressed hub alone (or the
+hubs of that worker index), and a destination that is not on the channel
+raises :class:`~clustersync.message.DestinationUnreachable` to the hub.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 from .._log import RateLimitedLog
-from ..hub import DEFAULT_QUEUE_SIZE, Message
-from .base import Deliver, DeliverBatch, DriverFactory, check_channel, one_by_one
+from ..message import (
+    DEFAULT_QUEUE_SIZE,
+    Address,
+    BoundedQueue,
+    Destination,
+    DestinationUnreachable,
+    Message,
+    check_channel,
+)
+from .base import Deliver, DeliverBatch, DriverFactory, OnUnreachable, one_by_one
 
 __all__ = ["broadcast_channel", "BroadcastDriver"]
 
 _registry_lock = threading.Lock()
-_registry: Dict[str, List["BroadcastDriver"]] = {}
+_registry: Dict[str, Tuple["BroadcastDriver", ...]] = {}
 _ratelimited = RateLimitedLog()
 
 
 class BroadcastDriver:
     """One hub's membership of an in-process channel."""
 
-    def __init__(self, hub_id: str, channel: str, queue_size: int) -> None:
-        self.hub_id = hub_id
+    capabilities: FrozenSet[str] = frozenset({"batch", "ready", "stats"})
+
+    def __init__(self, address: Address, channel: str, queue_size: int) -> None:
+        self.address = address
         self.channel = channel
         self.queue_size = queue_size
-        self._queue: Deque[Message] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        self._queue: BoundedQueue[Message] = BoundedQueue(queue_size, self._dropped)
         self._deliver: Optional[DeliverBatch] = None
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self.published = 0
         self.received = 0
-        self.dropped = 0
 
-    def subscribe(self, deliver: Deliver) -> None:
+    @property
+    def dropped(self) -> int:
+        """Messages this hub lost because its queue was full."""
+        return self._queue.dropped
+
+    def subscribe(self, deliver: Deliver, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel and start the delivery thread."""
-        self.subscribe_batch(one_by_one(deliver))
+        self.subscribe_batch(one_by_one(deliver), on_unreachable)
 
-    def subscribe_batch(self, deliver_batch: DeliverBatch) -> None:
+    def subscribe_batch(self, deliver_batch: DeliverBatch, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel; the delivery thread hands over runs of one origin and topic at a time."""
         if self._deliver is not None:
             raise RuntimeError("subscribe() called twice")
@@ -51,52 +67,50 @@ class BroadcastDriver:
             raise RuntimeError("driver is closed")
         self._deliver = deliver_batch
         self._thread = threading.Thread(
-            target=self._run, name=f"clustersync-broadcast-{self.channel}-{self.hub_id}", daemon=True
+            target=self._run, name=f"clustersync-broadcast-{self.channel}-{self.address.hub}", daemon=True
         )
         self._thread.start()
         with _registry_lock:
-            members = _registry.get(self.channel, [])
-            _registry[self.channel] = members + [self]
+            _registry[self.channel] = _registry.get(self.channel, ()) + (self,)
 
-    def publish(self, msg: Message) -> None:
-        """Queue ``msg`` for every other member of the channel."""
+    def publish(self, msg: Message, to: Optional[Destination] = None) -> None:
+        """Queue ``msg`` for every other member of the channel, or for ``to`` alone."""
         self.published += 1
-        for member in _registry.get(self.channel, ()):
-            if member is not self:
-                member._put(msg)
+        members = _registry.get(self.channel, ())
+        if to is None:
+            for member in members:
+                if member is not self:
+                    member._queue.put(msg)
+            return
+        if isinstance(to, Address):
+            targets = [m for m in members if m.address == to and m is not self]
+        elif isinstance(to, int) and not isinstance(to, bool):
+            targets = [m for m in members if m.address.worker == to and m is not self]
+        else:
+            raise ValueError(f"to must be an Address or a worker index, not {to!r}")
+        if not targets:
+            raise DestinationUnreachable(to)
+        for member in targets:
+            member._queue.put(msg)
 
-    def _put(self, msg: Message) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            if len(self._queue) >= self.queue_size:
-                self._queue.popleft()
-                self.dropped += 1
-                _ratelimited(
-                    id(self),
-                    logging.WARNING,
-                    "broadcast_channel %r: hub %s is slow, dropped its oldest message (%d so far)",
-                    self.channel,
-                    self.hub_id,
-                    self.dropped,
-                )
-            self._queue.append(msg)
-            if len(self._queue) == 1:
-                self._cond.notify()
+    def _dropped(self, count: int) -> None:
+        _ratelimited(
+            ("broadcast", id(self)),
+            logging.WARNING,
+            "broadcast_channel %r: hub %s is slow, dropped its oldest message (%d so far)",
+            self.channel,
+            self.address,
+            self._queue.dropped,
+        )
 
     def _run(self) -> None:
         deliver = self._deliver
         assert deliver is not None
         queue = self._queue
-        cond = self._cond
         while True:
-            with cond:
-                while not queue and not self._closed:
-                    cond.wait()
-                if self._closed:
-                    return
-                batch = list(queue)
-                queue.clear()
+            batch = queue.take_all(None)
+            if queue.closed:
+                return
             self.received += len(batch)
             start = 0
             end = len(batch)
@@ -130,15 +144,13 @@ class BroadcastDriver:
     def close(self) -> None:
         """Leave the channel and stop the delivery thread."""
         with _registry_lock:
-            members = [m for m in _registry.get(self.channel, ()) if m is not self]
+            members = tuple(m for m in _registry.get(self.channel, ()) if m is not self)
             if members:
                 _registry[self.channel] = members
             else:
                 _registry.pop(self.channel, None)
-        with self._cond:
-            self._closed = True
-            self._queue.clear()
-            self._cond.notify_all()
+        self._closed = True
+        self._queue.close(clear=True)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
@@ -154,7 +166,9 @@ def broadcast_channel(*, channel: str, queue_size: int = DEFAULT_QUEUE_SIZE) -> 
     if not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError("queue_size must be a positive int")
 
-    def factory(hub_id: str) -> BroadcastDriver:
-        return BroadcastDriver(hub_id, channel, queue_size)
+    def factory(address: Address) -> BroadcastDriver:
+        return BroadcastDriver(address, channel, queue_size)
 
     return factory
+
+

@@ -1,23 +1,36 @@
-"""``cluster``: the worker side of the primary's relay.
+"""``cluster``: a worker's end of the primary's relay.
 
-Hubs in workers forked by :func:`clustersync.sync.setup_primary_cluster`
-reach every other hub on the same channel, in any worker, through the
-primary. Outside such a worker, ``subscribe`` raises ``RuntimeError``.
+Hubs in workers started by a primary (:func:`clustersync.setup_primary_cluster`
+or ``clustersync run``) reach every other hub on the same channel, in any
+worker, through the primary. ``to=`` is routed by the relay: to one worker's
+pipe, then to the one hub there. Outside such a worker, ``subscribe`` raises
+``RuntimeError``. This module knows the relay only through the
+:class:`~clustersync.sync.base.ClusterTransport` protocol.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
-from ..hub import Message
-from ..link import DeliverBatch, WorkerLink, current_link
-from ..wire import BROADCAST, MAX_WORKERS
-from .base import Deliver, DriverFactory, check_channel, one_by_one
+from ..message import Address, Destination, Message, check_channel
+from .base import (
+    ClusterTransport,
+    Deliver,
+    DeliverBatch,
+    DriverFactory,
+    OnUnreachable,
+    cluster_transport,
+    one_by_one,
+)
 
 __all__ = ["cluster", "ClusterDriver"]
 
+#: The relay's "every worker" destination.
+_BROADCAST = 0xFFFF
+_MAX_WORKERS = 0xFFFE
+
 _NOT_A_WORKER = (
-    "cluster() sync works only in a worker forked by a clustersync primary: call "
+    "cluster() sync works only in a worker started by a clustersync primary: call "
     "setup_primary_cluster() in the primary process and start workers with primary.fork(...) "
     "(or run the app with `python -m clustersync run`)"
 )
@@ -26,29 +39,31 @@ _NOT_A_WORKER = (
 class ClusterDriver:
     """One hub's membership of a channel on the primary's relay."""
 
-    def __init__(self, hub_id: str, channel: str) -> None:
-        self.hub_id = hub_id
+    capabilities: FrozenSet[str] = frozenset({"batch", "parts", "ready", "stats"})
+
+    def __init__(self, address: Address, channel: str) -> None:
+        self.address = address
         self.channel = channel
-        self._hid = hub_id.encode()
+        self._hid = address.hub.encode()
         self._chan = channel.encode()
-        self._link: Optional[WorkerLink] = None
+        self._link: Optional[ClusterTransport] = None
         self._seq = 0
         self._encoded: Dict[str, bytes] = {}
 
-    def subscribe(self, deliver: Deliver) -> None:
+    def subscribe(self, deliver: Deliver, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel; raises ``RuntimeError`` outside a worker."""
-        self.subscribe_batch(one_by_one(deliver))
+        self.subscribe_batch(one_by_one(deliver), on_unreachable)
 
-    def subscribe_batch(self, deliver_batch: DeliverBatch) -> None:
+    def subscribe_batch(self, deliver_batch: DeliverBatch, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel, taking messages a run at a time: ``deliver_batch(namespace, topic, origin, datas)``."""
-        link = current_link()
+        link = cluster_transport()
         if link is None:
             raise RuntimeError(_NOT_A_WORKER)
-        self._seq = link.add_member(self._chan, self._hid, deliver_batch)
+        self._seq = link.add_member(self._chan, self._hid, deliver_batch, on_unreachable)
         self._link = link
 
     def _names(self, name: str) -> bytes:
-        """The UTF-8 bytes of a topic or namespace, one shared object per name (the link batches on identity)."""
+        """The UTF-8 bytes of a name, one shared object per name (the link shares metadata on identity)."""
         encoded = self._encoded.get(name)
         if encoded is None:
             if len(self._encoded) >= 4096:
@@ -56,7 +71,16 @@ class ClusterDriver:
             encoded = self._encoded[name] = name.encode()
         return encoded
 
-    def publish_parts(self, namespace: str, topic: str, data: bytes, dest: int = BROADCAST) -> None:
+    def _route(self, to: Destination) -> Tuple[int, bytes]:
+        if isinstance(to, Address):
+            if not 0 <= to.worker < _MAX_WORKERS:
+                raise ValueError(f"{to} is not the address of a hub in a worker")
+            return to.worker, self._names(to.hub)
+        if isinstance(to, int) and not isinstance(to, bool) and 0 <= to < _MAX_WORKERS:
+            return to, b""
+        raise ValueError(f"to must be an Address or a worker index, not {to!r}")
+
+    def publish_parts(self, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> None:
         """Send one encoded message without building a ``Message`` (the hub's fast path)."""
         link = self._link
         if link is None:
@@ -68,17 +92,15 @@ class ClusterDriver:
         tp = names.get(topic)
         if tp is None:
             tp = self._names(topic)
-        link.publish(self._chan, dest, self._hid, ns, tp, data)
+        if to is None:
+            link.publish(self._chan, _BROADCAST, b"", self._hid, ns, tp, data)
+        else:
+            dest, hub = self._route(to)
+            link.publish(self._chan, dest, hub, self._hid, ns, tp, data)
 
-    def publish(self, msg: Message) -> None:
-        """Send ``msg`` to every other hub on the channel."""
-        self.publish_parts(msg.namespace, msg.topic, msg.data)
-
-    def publish_to(self, worker: int, msg: Message) -> None:
-        """Send ``msg`` to the hubs on the channel in worker ``worker`` only."""
-        if not isinstance(worker, int) or not 0 <= worker < MAX_WORKERS:
-            raise ValueError(f"worker must be a worker index, not {worker!r}")
-        self.publish_parts(msg.namespace, msg.topic, msg.data, worker)
+    def publish(self, msg: Message, to: Optional[Destination] = None) -> None:
+        """Send ``msg`` to every other hub on the channel, or to ``to``."""
+        self.publish_parts(msg.namespace, msg.topic, msg.data, to)
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """True once the primary routes the channel to this worker."""
@@ -101,7 +123,7 @@ def cluster(*, channel: str) -> DriverFactory:
     """A driver factory joining hubs of all workers of this primary on ``channel``."""
     check_channel(channel)
 
-    def factory(hub_id: str) -> ClusterDriver:
-        return ClusterDriver(hub_id, channel)
+    def factory(address: Address) -> ClusterDriver:
+        return ClusterDriver(address, channel)
 
     return factory

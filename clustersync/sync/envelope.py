@@ -1,36 +1,44 @@
-"""The text envelope for drivers whose backplane carries text (JSON)."""
+"""The text envelope for drivers whose backplane carries text (JSON).
+
+A driver that cannot route ``to=`` itself broadcasts the envelope and lets
+each receiver keep only what :func:`is_for` it.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
-from ..hub import Message
+from ..message import Address, Destination, Message
 
-__all__ = ["encode_envelope", "decode_envelope"]
+__all__ = ["encode_envelope", "decode_envelope", "is_for"]
 
-_VERSION = 1
+_VERSION = 2
 
 
-def encode_envelope(hub_id: str, msg: Message) -> str:
-    """Return ``msg`` as JSON text stamped with ``hub_id`` (for echo suppression).
+def encode_envelope(origin: Address, msg: Message, to: Optional[Destination] = None) -> str:
+    """Return ``msg`` as JSON text stamped with the sender's ``origin`` (for echo suppression) and ``to``.
 
     ``bytes`` data is base64-encoded; ``str`` data is carried as text.
     """
     data = msg.data
-    env = {"v": _VERSION, "id": hub_id, "ns": msg.namespace, "topic": msg.topic}
+    env: Dict[str, Any] = {"v": _VERSION, "w": origin.worker, "id": origin.hub, "ns": msg.namespace, "topic": msg.topic}
     if isinstance(data, (bytes, bytearray, memoryview)):
         env["b64"] = base64.b64encode(data).decode("ascii")
     elif isinstance(data, str):
         env["text"] = data
     else:
         raise TypeError(f"envelope data must be bytes or str, not {type(data).__name__}")
+    if isinstance(to, Address):
+        env["to"] = [to.worker, to.hub]
+    elif to is not None:
+        env["to"] = int(to)
     return json.dumps(env, ensure_ascii=False, separators=(",", ":"))
 
 
-def decode_envelope(raw: Union[str, bytes, bytearray]) -> Optional[Tuple[str, Message]]:
-    """Return ``(hub_id, Message)`` from envelope text, or None for anything malformed.
+def decode_envelope(raw: Union[str, bytes, bytearray]) -> Optional[Tuple[Address, Message, Optional[Destination]]]:
+    """Return ``(origin, Message, to)`` from envelope text, or None for anything malformed.
 
     Never raises.
     """
@@ -42,8 +50,8 @@ def decode_envelope(raw: Union[str, bytes, bytearray]) -> Optional[Tuple[str, Me
         env = json.loads(raw)
         if not isinstance(env, dict) or env.get("v") != _VERSION:
             return None
-        hub_id, ns, topic = env.get("id"), env.get("ns"), env.get("topic")
-        if not (isinstance(hub_id, str) and hub_id and isinstance(ns, str) and isinstance(topic, str)):
+        worker, hub_id, ns, topic = env.get("w"), env.get("id"), env.get("ns"), env.get("topic")
+        if not (type(worker) is int and isinstance(hub_id, str) and hub_id and isinstance(ns, str) and isinstance(topic, str)):
             return None
         if "b64" in env and "text" not in env:
             b64 = env["b64"]
@@ -56,6 +64,28 @@ def decode_envelope(raw: Union[str, bytes, bytearray]) -> Optional[Tuple[str, Me
                 return None
         else:
             return None
-        return hub_id, Message(ns, topic, data, hub_id)
+        to: Optional[Destination] = None
+        if "to" in env:
+            raw_to = env["to"]
+            if type(raw_to) is int:
+                to = raw_to
+            elif (
+                isinstance(raw_to, list) and len(raw_to) == 2
+                and type(raw_to[0]) is int and isinstance(raw_to[1], str)
+            ):
+                to = Address(raw_to[0], raw_to[1])
+            else:
+                return None
+        origin = Address(worker, hub_id)
+        return origin, Message(ns, topic, data, origin), to
     except Exception:  # malformed input of any kind: the promise is "never raises"
         return None
+
+
+def is_for(to: Optional[Destination], address: Address) -> bool:
+    """True if a message sent ``to`` this destination is for the hub at ``address``."""
+    if to is None:
+        return True
+    if isinstance(to, Address):
+        return to == address
+    return to == address.worker

@@ -1,11 +1,12 @@
 """Supervision for ``clustersync run``: keep N workers running ``MODULE:CALLABLE``.
 
-One loop on the main thread, around :meth:`Primary.poll`. Signal handlers
-only queue the signal and wake the loop; the loop dispatches each to a
-``handle_<name>`` method. Worker exits and readiness arrive through the
-primary's ``on_worker_exit`` / ``on_worker_ready`` callbacks (on the same
-thread); restarts, rolling restarts and kill deadlines are timers the loop
-checks on every turn.
+The supervisor is callbacks and timers on the relay's own loop, which runs
+on the main thread (the primary is made with ``thread=False``). Signal
+handlers only queue a call to :meth:`Supervisor._dispatch_signals` on the
+loop, which dispatches each signal to a ``handle_<name>`` method. Worker
+exits and readiness arrive through the primary's ``on_worker_exit`` /
+``on_worker_ready`` callbacks; restarts, rolling restarts and kill deadlines
+are timers on the loop, and :meth:`Supervisor._tick` runs after every turn.
 
 Each worker index is a :class:`Slot`. A worker is *ready* once its callable
 has run for a second or called ``notify_ready()``. A worker that fails before
@@ -25,11 +26,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import __version__
+from .. import __version__
+from ..relay.loop import blocked_signals
 from .boot import MAX_REPORT, SIGNALS as WORKER_SIGNALS, WorkerSpec, run_app
-from .primary import Primary, WorkerHandle, setup_primary_cluster
+from ..relay.primary import Primary, WorkerHandle
 from .sockets import Address, bind, describe, parse_address, with_port
-from .wire import MAX_WORKERS
+from ..relay.wire import MAX_WORKERS
 
 __all__ = ["RunConfig", "Supervisor", "Backoff", "describe_exit", "exit_status", "RESTART_POLICIES"]
 
@@ -179,17 +181,17 @@ class Supervisor:
             logger.error("%s", exc.strerror or exc)
             self._close_listeners()
             return EXIT_KILLED
-        primary = setup_primary_cluster(
-            start_method=cfg.start_method,
+        primary = Primary(
+            start_method=cfg.start_method or "fork",
             workers=cfg.workers,
             graceful_timeout=cfg.graceful_timeout,
             timeout=cfg.timeout,
+            thread=False,
         )
-        if primary is None:
-            raise RuntimeError("clustersync run cannot run inside a worker")
         self.primary = primary
         primary.on_worker_exit = self._on_exit
         primary.on_worker_ready = self._on_ready
+        primary.loop.after_turn(lambda: self._tick(time.monotonic()))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
         try:
             logger.info(
@@ -204,14 +206,11 @@ class Supervisor:
             for index in range(cfg.workers):
                 self.slots[index] = Slot(index, initial=True, generation=0)
             for slot in list(self.slots.values()):
+                if self._signals:
+                    self._dispatch_signals()  # a stop that came during the start wins
                 if not self._stopping:
                     self._start(slot)
-            while True:
-                self._dispatch_signals()
-                self._tick(time.monotonic())
-                if self._finished():
-                    break
-                primary.poll(self._timeout(time.monotonic()))
+            primary.loop.run(self._finished)
             status = self._exit_status()
         except BaseException:
             logger.exception("the supervisor failed; stopping the workers")
@@ -248,14 +247,10 @@ class Supervisor:
             return False
         return self._stopping or all(s.done for s in self.slots.values())
 
-    def _timeout(self, now: float) -> float:
+    def _at(self, when: float) -> None:
+        """Make sure the loop turns (and so ticks) at ``when``."""
         assert self.primary is not None
-        busy = {w.index for w in self.primary.workers}
-        deadlines = [s.restart_at for s in self.slots.values() if s.restart_at is not None and s.index not in busy]
-        deadlines.extend(self._kill_at.values())
-        if self._give_up_at is not None:
-            deadlines.append(self._give_up_at)
-        return max(0.0, min([1.0] + [d - now for d in deadlines]))
+        self.primary.loop.call_at(when, lambda: None)
 
     def _tick(self, now: float) -> None:
         """Timers: kill workers past their deadline, start due restarts, advance a rolling restart."""
@@ -334,11 +329,10 @@ class Supervisor:
         self.primary.slots = self.target
         listen, own = self._worker_sockets()
         # The worker starts with these blocked; run_app unblocks them in its main thread only.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         try:
-            return self.primary.fork(run_app, self.spec, listen, self._report_tx, index=index)
+            with blocked_signals(WORKER_SIGNALS):
+                return self.primary.fork(run_app, self.spec, listen, self._report_tx, index=index)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             for sock in own:  # the worker has its copy; one left here would queue connections nobody takes
                 sock.close()
 
@@ -364,6 +358,7 @@ class Supervisor:
         for w in workers:
             self._terminated.add(w)
             self._kill_at[w] = deadline
+        self._at(deadline)
         self.primary.begin_stop(list(workers), wait=min(self.config.graceful_timeout / 2, 2.0))
 
     def _kill(self, w: WorkerHandle) -> None:
@@ -373,10 +368,9 @@ class Supervisor:
             self._killed = True
             if self._give_up_at is None:
                 self._give_up_at = time.monotonic() + KILL_WAIT
-        try:
-            w.process.kill()
-        except Exception:
-            pass
+                self._at(self._give_up_at)
+        assert self.primary is not None
+        self.primary.kill(w)
 
     def _begin_stop(self, why: str) -> None:
         """Stop every worker: SIGTERM now, SIGKILL after the graceful timeout."""
@@ -469,6 +463,7 @@ class Supervisor:
             if policy == "always":
                 delay = slot.backoff.next(uptime)
                 slot.restart_at = time.monotonic() + delay
+                self._at(slot.restart_at)
                 logger.info("%s returned; restarting it in %.1f s (--restart always)", who, delay)
             else:
                 slot.done = True
@@ -491,6 +486,7 @@ class Supervisor:
             return
         delay = slot.backoff.next(uptime)
         slot.restart_at = time.monotonic() + delay
+        self._at(slot.restart_at)
         logger.error("%s %s; restarting it in %.1f s%s", who, cause, delay, _tail(details))
 
     def _failed_before_ready(self, slot: Slot, message: str, details: str, uptime: float) -> None:
@@ -506,6 +502,7 @@ class Supervisor:
         else:
             delay = slot.backoff.next(uptime)
             slot.restart_at = time.monotonic() + delay
+            self._at(slot.restart_at)
             logger.error(
                 "%s (%d of %d failures before ready); restarting it in %.1f s%s",
                 message,
@@ -598,7 +595,7 @@ class Supervisor:
         if len(self._signals) < 16:
             self._signals.append(signum)
         if self.primary is not None:
-            self.primary.wake()
+            self.primary.loop.call_soon(self._dispatch_signals)
 
     def _dispatch_signals(self) -> None:
         while self._signals:

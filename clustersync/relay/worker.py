@@ -1,24 +1,27 @@
-"""Worker bootstrap and the worker's view of itself."""
+"""A worker's start and its view of itself: bootstrap, the worker context, the orphan policy.
+
+:func:`bootstrap` runs first in every new worker process. It sets the
+worker's signal mask, wires the :class:`~clustersync.relay.link.WorkerLink`
+and installs it as the process's cluster transport (the ``cluster`` driver
+finds it there), runs the target, and flushes. The orphan policy lives in
+the link: when the primary's end of the pipe closes, the worker gets SIGTERM
+and, a second later, exits with status 1 whatever it is doing.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..sync import base as _base
 from . import link as _link
 
-__all__ = ["WorkerContext", "current_worker", "notify_ready"]
+__all__ = ["WorkerContext", "current_worker", "notify_ready", "bootstrap"]
 
 ENV_ID = "CLUSTERSYNC_WORKER_ID"
 ENV_COUNT = "CLUSTERSYNC_WORKERS"
-#: Asynchronous signals, blocked in the link's threads so that they reach the app's.
-APP_SIGNALS = {
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
-    signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGCHLD, signal.SIGWINCH,
-}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ _context: Optional[WorkerContext] = None
 
 
 def current_worker() -> Optional[WorkerContext]:
-    """This worker's context, or None outside a worker forked by a primary."""
+    """This worker's context, or None outside a worker started by a primary."""
     ctx = _context
     if ctx is not None and ctx.pid != os.getpid():
         return None  # a process forked from a worker is not itself a worker
@@ -69,12 +72,8 @@ def bootstrap(
         publish_block=config["publish_block"],
     )
     _link._set_current(link)
-    # The link's threads never take these: a signal for the app goes to a thread Python runs handlers on.
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, APP_SIGNALS)
-    try:
-        link.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    _base.install_cluster_transport(link)
+    link.start()  # its threads start with the asynchronous signals blocked
     try:
         target(*args)
     finally:

@@ -16,13 +16,17 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from ._log import RateLimitedLog, logger
+from .._log import RateLimitedLog, logger
+from ..message import Address
+from ..sync.base import DeliverBatch, OnUnreachable
+from .loop import start_thread
 from .wire import (
     ACK,
     BROADCAST,
     DATA,
+    FRAME_TARGET,
     HEADER,
     HEADER_SIZE,
     META,
@@ -33,14 +37,13 @@ from .wire import (
     SIZE,
     STOP,
     SUB,
+    UNREACHABLE,
     UNSUB,
     ProtocolError,
+    parse_records,
 )
 
 __all__ = ["WorkerLink", "current_link"]
-
-#: A DATA frame is closed once its body passes this size; a new one starts.
-FRAME_TARGET = 256 * 1024
 #: A publish this long after the previous one, with nothing pending, is written at once by the
 #: publishing thread (no hand-off to the writer thread: a lone message leaves without delay).
 #: Publishes closer together are batched by the writer thread.
@@ -54,8 +57,8 @@ ORPHAN_GRACE = 1.0
 _current: Optional["WorkerLink"] = None
 _ratelimited = RateLimitedLog()
 
-#: ``deliver_batch(namespace, topic, origin, datas)``: many messages of one origin and topic at once.
-DeliverBatch = Callable[[str, str, str, List[bytes]], Any]
+#: One hub on a channel: (hub id, deliver_batch, on_unreachable).
+Member = Tuple[str, DeliverBatch, Optional[OnUnreachable]]
 _pack_size = SIZE.pack
 _pack_meta = META.pack
 _monotonic = time.monotonic
@@ -72,7 +75,7 @@ def _set_current(link: Optional["WorkerLink"]) -> None:
 
 
 class WorkerLink:
-    """Batched, thread-safe framing over the worker's socket to the primary."""
+    """Batched, thread-safe framing over the worker's socket to the primary (a ``ClusterTransport``)."""
 
     def __init__(
         self,
@@ -86,19 +89,20 @@ class WorkerLink:
         sock.setblocking(True)
         self._sock = sock
         self.index = index
+        self.pid = os.getpid()
         self.max_message = max_message
         self.out_limit = out_limit
         self.publish_block = publish_block
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # Pending runs, in publish order: [kind, channel, dest, body, count].
+        # Pending runs, in publish order: [kind, channel, dest, body, count, origin, ns, topic, to].
         self._runs: List[List[Any]] = []
         self._pending = 0  # bytes in _runs
         self._inflight = 0  # bytes taken by the writer and not yet written
         self._writer_waiting = False
         self._closing = False
         self._closed = False
-        self._members: Dict[bytes, Tuple[Tuple[bytes, DeliverBatch], ...]] = {}
+        self._members: Dict[bytes, Tuple[Member, ...]] = {}
         self._subs_sent: Dict[bytes, int] = {}
         self._acks: Dict[bytes, int] = {}
         self._last_publish = 0.0
@@ -107,24 +111,31 @@ class WorkerLink:
         self.messages_out = 0
         self.messages_in = 0
         self.dropped = 0
-        self._reader = threading.Thread(target=self._read_loop, name="clustersync-reader", daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name="clustersync-writer", daemon=True)
+        #: Frames from the primary that did not parse (dropped; the primary checks them first, so 0).
+        self.malformed = 0
+        #: Addressed messages that arrived for a hub no longer here (the publisher is told).
+        self.unreachable = 0
+        self._reader: Optional[threading.Thread] = None
+        self._writer: Optional[threading.Thread] = None
 
     def start(self) -> None:
         """Start the reader and writer threads, and say hello (the primary's liveness clock starts)."""
-        self._reader.start()
-        self._writer.start()
+        self._reader = start_thread(self._read_loop, name="clustersync-reader")
+        self._writer = start_thread(self._write_loop, name="clustersync-writer")
         self._control(PONG)
 
     # -- membership --------------------------------------------------------
 
-    def add_member(self, channel: bytes, hub_id: bytes, deliver: DeliverBatch) -> int:
+    def add_member(
+        self, channel: bytes, hub_id: bytes, deliver: DeliverBatch, on_unreachable: Optional[OnUnreachable]
+    ) -> int:
         """Route ``channel`` to ``deliver`` (skipping ``hub_id``'s own messages).
 
         Returns the sequence number :meth:`wait_acked` waits for.
         """
+        member = (hub_id.decode(), deliver, on_unreachable)
         with self._cond:
-            self._members[channel] = self._members.get(channel, ()) + ((hub_id, deliver),)
+            self._members[channel] = self._members.get(channel, ()) + (member,)
             seq = self._subs_sent.get(channel, 0) + 1
             self._subs_sent[channel] = seq
         self._control(SUB, channel)
@@ -132,8 +143,9 @@ class WorkerLink:
 
     def remove_member(self, channel: bytes, hub_id: bytes) -> None:
         """Stop routing ``channel`` to ``hub_id``."""
+        hid = hub_id.decode()
         with self._cond:
-            members = tuple(m for m in self._members.get(channel, ()) if m[0] != hub_id)
+            members = tuple(m for m in self._members.get(channel, ()) if m[0] != hid)
             if members:
                 self._members[channel] = members
             else:
@@ -150,16 +162,28 @@ class WorkerLink:
 
     # -- writing -----------------------------------------------------------
 
-    def publish(self, channel: bytes, dest: int, origin: bytes, ns: bytes, topic: bytes, data: bytes) -> None:
-        """Queue one message for ``dest`` (a worker index or BROADCAST).
+    def check_size(self, channel: bytes, origin: bytes, ns: bytes, topic: bytes, size: int) -> None:
+        """Raise ``ValueError`` if the relay would refuse a message of ``size`` bytes."""
+        if size > self.max_message:
+            raise ValueError(
+                f"message of {size} bytes is over the relay's max_message ({self.max_message} bytes)"
+            )
+
+    def publish(
+        self, channel: bytes, dest: int, to: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes
+    ) -> None:
+        """Queue one message for ``dest`` (a worker index or BROADCAST) and, if ``to``, that hub there.
 
         Consecutive messages to the same channel and destination share a
-        frame; consecutive ones with the same (identical) origin, namespace
-        and topic objects share their metadata. Waits up to
-        ``publish_block`` seconds when the outgoing buffer is full, then
-        raises ``BufferError`` (the message is dropped and counted).
+        frame (up to :data:`FRAME_TARGET` bytes); consecutive ones with the
+        same (identical) origin, namespace, topic and ``to`` objects share
+        their metadata. Waits up to ``publish_block`` seconds when the
+        outgoing buffer is full, then raises ``BufferError`` (the message is
+        dropped and counted).
         """
         size = len(data)
+        if size > self.max_message:
+            self.check_size(channel, origin, ns, topic, size)
         with self._lock:  # the Condition's own lock: entered without a Python-level call
             if self._closed:
                 raise RuntimeError("the connection to the primary is closed")
@@ -169,49 +193,60 @@ class WorkerLink:
             now = _monotonic()
             if not runs and not self._writing and now - self._last_publish > DIRECT_GAP:
                 self._last_publish = now
-                self._write_now(channel, dest, origin, ns, topic, data)
+                self._write_now(channel, dest, to, origin, ns, topic, data)
                 return
             self._last_publish = now
             if runs:
                 last = runs[-1]
                 body = last[3]
-                if last[1] == channel and last[2] == dest and last[0] == DATA and len(body) < FRAME_TARGET:
-                    if last[5] is origin and last[6] is ns and last[7] is topic:
+                if (
+                    last[1] == channel
+                    and last[2] == dest
+                    and last[0] == DATA
+                    and len(body) + size < FRAME_TARGET
+                    and (dest == BROADCAST or last[5] is origin)  # an addressed frame names one publisher
+                ):
+                    if last[5] is origin and last[6] is ns and last[7] is topic and last[8] is to:
                         body += _pack_size(size | SAME_META)
                     else:
-                        body += _pack_size(size) + _pack_meta(len(origin), len(ns), len(topic)) + origin + ns + topic
+                        body += _pack_size(size) + _pack_meta(len(origin), len(to), len(ns), len(topic))
+                        body += origin + to + ns + topic
                         last[5] = origin
                         last[6] = ns
                         last[7] = topic
+                        last[8] = to
                     body += data
                     last[4] += 1
                     self._pending += size
                     return
-            body = bytearray(_pack_size(size) + _pack_meta(len(origin), len(ns), len(topic)))
-            body += origin + ns + topic
+            body = bytearray(_pack_size(size) + _pack_meta(len(origin), len(to), len(ns), len(topic)))
+            body += origin + to + ns + topic
             body += data
-            runs.append([DATA, channel, dest, body, 1, origin, ns, topic])
+            runs.append([DATA, channel, dest, body, 1, origin, ns, topic, to])
             self._pending += size
             if self._writer_waiting:
                 self._cond.notify_all()
 
-    def _write_now(self, channel: bytes, dest: int, origin: bytes, ns: bytes, topic: bytes, data: bytes) -> None:
+    def _write_now(
+        self, channel: bytes, dest: int, to: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes
+    ) -> None:
         """With the lock held and nothing pending: write one message's frame without blocking.
 
         What the socket does not take at once goes to the writer thread, first in line.
         """
-        body = _pack_size(len(data)) + _pack_meta(len(origin), len(ns), len(topic)) + origin + ns + topic + data
+        body = (
+            _pack_size(len(data)) + _pack_meta(len(origin), len(to), len(ns), len(topic))
+            + origin + to + ns + topic + data
+        )
         frame = HEADER.pack(len(channel) + len(body), DATA, len(channel), self.index, dest, 1) + channel + body
         try:
             sent = self._sock.send(frame, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # BlockingIOError, or a broken pipe the writer thread meets and reports
             sent = 0
-        except OSError:
-            sent = 0  # the writer thread meets the same error and reports it
         self.frames_out += 1
         self.messages_out += 1
         if sent < len(frame):
-            self._runs.append([_RAW, b"", 0, frame[sent:], 0, None, None, None])
+            self._runs.append([_RAW, b"", 0, frame[sent:], 0, None, None, None, None])
             self._pending += len(frame) - sent
             if self._writer_waiting:
                 self._cond.notify_all()
@@ -232,11 +267,11 @@ class WorkerLink:
         if self._closed:
             raise RuntimeError("the connection to the primary is closed")
 
-    def _control(self, kind: int, channel: bytes = b"", count: int = 0) -> None:
+    def _control(self, kind: int, channel: bytes = b"", count: int = 0, dest: int = BROADCAST, body: bytes = b"") -> None:
         with self._cond:
             if self._closed:
                 return
-            self._runs.append([kind, channel, BROADCAST, b"", count, None, None, None])
+            self._runs.append([kind, channel, dest, body, count, None, None, None, None])
             if self._writer_waiting:
                 self._cond.notify_all()
 
@@ -265,7 +300,7 @@ class WorkerLink:
                 self._writing = True  # no direct write may interleave with ours
             parts: List[Any] = []
             messages = 0
-            for kind, channel, dest, body, count, _o, _n, _t in runs:
+            for kind, channel, dest, body, count, _o, _n, _t, _to in runs:
                 if kind != _RAW:
                     parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
                     parts.append(channel)
@@ -297,94 +332,90 @@ class WorkerLink:
     # -- reading -----------------------------------------------------------
 
     def _read_loop(self) -> None:
+        """Read frames until EOF. Nothing a frame holds can end this loop: a bad one is dropped and counted."""
         sock = self._sock
         unpack = HEADER.unpack_from
         buf = bytearray()
-        try:
-            while True:
-                try:
-                    data = sock.recv(READ_SIZE)
-                except OSError:
-                    data = b""
-                if not data:
+        while True:
+            try:
+                data = sock.recv(READ_SIZE)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buf += data
+            n = len(buf)
+            off = 0
+            while n - off >= HEADER_SIZE:
+                body_len, kind, clen, origin, dest, count = unpack(buf, off)
+                end = off + HEADER_SIZE + body_len
+                if end > n:
                     break
-                buf += data
-                n = len(buf)
-                off = 0
-                while n - off >= HEADER_SIZE:
-                    body_len, kind, clen, _origin, _dest, count = unpack(buf, off)
-                    end = off + HEADER_SIZE + body_len
-                    if end > n:
-                        break
-                    start = off + HEADER_SIZE
-                    if kind == DATA:
-                        self._dispatch(bytes(buf[start : start + clen]), bytes(buf[start + clen : end]))
-                    elif kind == ACK:
-                        channel = bytes(buf[start : start + clen])
-                        with self._cond:
-                            self._acks[channel] = self._acks.get(channel, 0) + 1
-                            self._cond.notify_all()
-                    elif kind == PING:
-                        self._control(PONG, b"", count)
-                    elif kind == STOP:
-                        self._on_stop()
-                    off = end
-                del buf[:off]
-        except ProtocolError as exc:
-            logger.error("worker %d: bad frame from the primary: %s", self.index, exc)
+                start = off + HEADER_SIZE
+                try:
+                    self._frame(kind, bytes(buf[start : start + clen]), origin, dest, count, bytes(buf[start + clen : end]))
+                except ProtocolError as exc:
+                    self.malformed += 1
+                    _ratelimited(
+                        "malformed",
+                        logging.ERROR,
+                        "worker %d: dropped a malformed frame sent by worker %d: %s (%d so far)",
+                        self.index,
+                        origin,
+                        exc,
+                        self.malformed,
+                    )
+                except Exception:  # a bug of ours: never let it silence this worker
+                    self.malformed += 1
+                    _ratelimited("frame", logging.ERROR, "worker %d: handling a frame failed", self.index, exc_info=True)
+                off = end
+            del buf[:off]
         self._on_eof()
 
-    def _dispatch(self, channel: bytes, body: bytes) -> None:
-        """Hand the records of one DATA frame to the channel's hubs, a run of one topic at a time."""
-        members = self._members.get(channel)
-        if not members:
-            return
-        unpack_size = SIZE.unpack_from
-        unpack_meta = META.unpack_from
-        end = len(body)
-        pos = 0
-        meta = None
-        batch: List[bytes] = []
-        while pos < end:
-            (size,) = unpack_size(body, pos)
-            pos += 4
-            if size & SAME_META:
-                if meta is None:
-                    raise ProtocolError("the first record of a frame has no metadata")
-                size &= ~SAME_META
-            else:
-                if batch:
-                    self._deliver(members, meta, batch)
-                    batch = []
-                olen, nlen, tlen = unpack_meta(body, pos)
-                pos += 5
-                o_end = pos + olen
-                n_end = o_end + nlen
-                t_end = n_end + tlen
-                if t_end > end:
-                    raise ProtocolError("record metadata runs past the end of its frame")
-                meta = (body[pos:o_end], body[o_end:n_end], body[n_end:t_end])
-                pos = t_end
-            stop = pos + size
-            if stop > end:
-                raise ProtocolError("record runs past the end of its frame")
-            batch.append(body[pos:stop])
-            pos = stop
-        if batch:
-            self._deliver(members, meta, batch)
+    def _frame(self, kind: int, channel: bytes, origin: int, dest: int, count: int, body: bytes) -> None:
+        if kind == DATA:
+            members = self._members.get(channel)
+            if members:
+                self._dispatch(channel, members, origin, parse_records(body))
+        elif kind == ACK:
+            with self._cond:
+                self._acks[channel] = self._acks.get(channel, 0) + 1
+                self._cond.notify_all()
+        elif kind == PING:
+            self._control(PONG, b"", count)
+        elif kind == STOP:
+            self._on_stop()
+        elif kind == UNREACHABLE:
+            self._unreachable(channel, origin, count, body)
 
-    def _deliver(self, members: Tuple[Tuple[bytes, DeliverBatch], ...], meta: Any, batch: List[bytes]) -> None:
-        origin, ns, topic = meta
-        self.messages_in += len(batch)
-        origin_s = origin.decode()
-        ns_s = ns.decode()
-        topic_s = topic.decode()
-        for hub_id, deliver in members:
-            if hub_id != origin:
+    def _dispatch(self, channel: bytes, members: Tuple[Member, ...], worker: int, runs: List[Any]) -> None:
+        """Hand each run of records to the channel's hubs (all but the publisher; only ``to`` if set)."""
+        mine = worker == self.index
+        for origin, to, ns, topic, datas in runs:
+            self.messages_in += len(datas)
+            address = Address(worker, origin)
+            found = False
+            for hub_id, deliver, _u in members:
+                if (to and hub_id != to) or (mine and hub_id == origin):
+                    continue
+                found = True
                 try:
-                    deliver(ns_s, topic_s, origin_s, batch)
+                    deliver(ns, topic, address, datas)
                 except Exception:  # the hub contains its own errors; this is a last guard
                     _ratelimited("deliver", logging.ERROR, "delivery failed", exc_info=True)
+            if to and not found:
+                self.unreachable += len(datas)
+                body = origin.encode() + b"\0" + to.encode()
+                self._control(UNREACHABLE, channel, len(datas), worker, body)
+
+    def _unreachable(self, channel: bytes, worker: int, count: int, body: bytes) -> None:
+        """Addressed messages of one of our hubs found nobody: tell that hub."""
+        publisher, _, to = body.partition(b"\0")
+        hub_id = publisher.decode("utf-8", "replace")
+        destination: Any = Address(worker, to.decode("utf-8", "replace")) if to else worker
+        for member_id, _d, on_unreachable in self._members.get(channel, ()):
+            if member_id == hub_id and on_unreachable is not None:
+                on_unreachable(destination, count)
 
     def _on_stop(self) -> None:
         """The primary asks this worker to stop; all it sent before is delivered. SIGTERM ourselves."""
@@ -417,6 +448,8 @@ class WorkerLink:
             "messages_out": self.messages_out,
             "messages_in": self.messages_in,
             "dropped": self.dropped,
+            "malformed": self.malformed,
+            "unreachable": self.unreachable,
             "pending_bytes": self._pending + self._inflight,
         }
 
@@ -429,8 +462,9 @@ class WorkerLink:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._writer.is_alive() and self._writer is not threading.current_thread():
-            self._writer.join(timeout)
+        writer = self._writer
+        if writer is not None and writer.is_alive() and writer is not threading.current_thread():
+            writer.join(timeout)
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:

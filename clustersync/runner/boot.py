@@ -37,9 +37,10 @@ import threading
 import traceback
 from typing import Any, Callable, NamedTuple, Sequence, Tuple
 
-from . import _log
+from .. import _log
+from ..relay.loop import blocked_signals
+from ..relay.worker import current_worker, notify_ready
 from . import sockets as _sockets
-from .worker import current_worker, notify_ready
 
 __all__ = ["WorkerSpec", "AppLoadError", "split_app", "load_app", "run_app", "READY_AFTER"]
 
@@ -140,11 +141,8 @@ def _ignore(signum: int, frame: Any) -> None:
 def _blocked_thread(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
     """Start a daemon thread that never receives :data:`SIGNALS` (threads inherit the mask)."""
     thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
+    with blocked_signals(SIGNALS):
         thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return thread
 
 

@@ -8,11 +8,11 @@ import re
 import sys
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
-from . import __version__, _log
+from .. import __version__, _log
 from .boot import split_app
 from .sockets import parse_address
 from .supervisor import RESTART_POLICIES, RunConfig, Supervisor
-from .wire import MAX_WORKERS
+from ..relay.wire import MAX_WORKERS
 
 __all__ = ["main", "build_parser", "config_from_args", "ENV"]
 

@@ -1,0 +1,374 @@
+"""Routes and bounded per-peer output: the relay's hot path.
+
+A :class:`Peer` is one connection (a worker's pipe). The :class:`Router` reads
+frames from peers, checks each one (:func:`wire.check_records` for DATA),
+routes it on its header and channel, and queues it on the destinations'
+output buffers, which are written with one ``sendmsg`` per turn. Each
+buffer is bounded by ``max_buffer``: when a peer's is full, frames for that
+peer alone are dropped and counted. A peer that sends a malformed frame is
+reported to ``on_broken`` and never heard again. Payloads are never decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import time
+from typing import Any, Callable, Dict, List
+
+from .._log import RateLimitedLog, logger
+from .loop import Loop
+from .wire import (
+    ACK,
+    BROADCAST,
+    DATA,
+    HEADER,
+    HEADER_SIZE,
+    KINDS,
+    META,
+    SIZE,
+    SUB,
+    UNREACHABLE,
+    UNSUB,
+    ProtocolError,
+    check_records,
+    max_body,
+    pack_frame,
+)
+
+__all__ = ["Peer", "Router"]
+
+READ_SIZE = 1024 * 1024
+IOV_MAX = 512
+
+_ratelimited = RateLimitedLog()
+
+
+class Peer:
+    """One connection to the router: its socket, buffers, channels and counters."""
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self.sock = sock
+        self.connected = True
+        self.inbuf = bytearray()
+        self.out: List[Any] = []
+        self.out_bytes = 0
+        self.want_write = False
+        self.dirty = False
+        self.channels: Dict[bytes, int] = {}
+        self.frames_in = 0
+        self.frames_out = 0
+        self.messages_in = 0
+        self.messages_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.dropped = 0
+        self.dropped_frames = 0
+        self.malformed = 0
+        self.last_seen = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        """The peer's process id (0 if unknown)."""
+        return 0
+
+    def counters(self) -> Dict[str, Any]:
+        """This peer's relay counters."""
+        return {
+            "index": self.index,
+            "alive": self.connected,
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "buffered": self.out_bytes,
+            "dropped": self.dropped,
+            "dropped_frames": self.dropped_frames,
+            "malformed": self.malformed,
+        }
+
+
+class Router:
+    """Reads, checks and routes frames between peers on one :class:`Loop`.
+
+    ``on_control(peer, kind, channel, count)`` gets the control frames the
+    router does not handle itself (PONG, READY); ``on_broken(peer, reason)``
+    a peer that broke the protocol (the router has already disconnected it).
+    """
+
+    def __init__(
+        self,
+        loop: Loop,
+        *,
+        max_buffer: int,
+        max_message: int,
+        on_control: Callable[[Peer, int, bytes, int], Any],
+        on_broken: Callable[[Peer, str], Any],
+    ) -> None:
+        self.loop = loop
+        self.max_buffer = max_buffer
+        self.max_body = max_body(max_message)
+        self.on_control = on_control
+        self.on_broken = on_broken
+        self.peers: Dict[int, Peer] = {}
+        self.routes: Dict[bytes, Dict[Peer, int]] = {}
+        self._dirty: List[Peer] = []
+        self.unroutable = 0
+        self.malformed = 0
+        loop.after_turn(self.flush_dirty)
+
+    # -- peers ---------------------------------------------------------------
+
+    def add(self, peer: Peer) -> None:
+        """Start reading from ``peer``."""
+        peer.sock.setblocking(False)
+        self.peers[peer.index] = peer
+        self.loop.register(peer.sock, lambda mask, p=peer: self._ready(p, mask))
+
+    def _ready(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self.read(peer)
+        if mask & selectors.EVENT_WRITE and peer.connected:
+            self.flush(peer)
+
+    def disconnect(self, peer: Peer) -> None:
+        """Forget ``peer``'s connection: no more routing to or from it."""
+        if not peer.connected:
+            return
+        peer.connected = False
+        if peer.inbuf:
+            logger.error(
+                "worker %d (pid %d) closed its pipe in the middle of a frame: %d bytes discarded",
+                peer.index,
+                peer.pid,
+                len(peer.inbuf),
+            )
+        for chan in peer.channels:
+            subs = self.routes.get(chan)
+            if subs is not None:
+                subs.pop(peer, None)
+                if not subs:
+                    del self.routes[chan]
+        peer.channels.clear()
+        peer.out.clear()
+        peer.out_bytes = 0
+        peer.inbuf = bytearray()
+        self.loop.unregister(peer.sock)
+        peer.sock.close()
+        if self.peers.get(peer.index) is peer:
+            del self.peers[peer.index]
+
+    def drain(self, peer: Peer) -> None:
+        """Read and route everything ``peer`` has written so far."""
+        while peer.connected:
+            before = peer.bytes_in
+            self.read(peer)
+            if peer.bytes_in == before:
+                break
+
+    # -- reading and routing -------------------------------------------------
+
+    def read(self, w: Peer) -> None:
+        """Read what ``w`` sent; route every whole frame in it."""
+        try:
+            data = w.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.disconnect(w)
+            return
+        w.bytes_in += len(data)
+        w.last_seen = time.monotonic()
+        buf: Any
+        if w.inbuf:
+            w.inbuf += data
+            buf = w.inbuf
+        else:
+            buf = data
+        n = len(buf)
+        off = 0
+        unpack = HEADER.unpack_from
+        routes = self.routes
+        max_body = self.max_body
+        enqueue = self.enqueue
+        while n - off >= HEADER_SIZE:
+            body_len, kind, clen, origin, dest, count = unpack(buf, off)
+            if body_len > max_body or kind not in KINDS or clen > body_len or origin != w.index:
+                self._broken(w, f"a malformed frame header (kind {kind}, length {body_len}, "
+                             f"channel length {clen}, origin {origin})")
+                return
+            end = off + HEADER_SIZE + body_len
+            if end > n:
+                break
+            start = off + HEADER_SIZE + clen
+            if kind == DATA:
+                try:
+                    check_records(buf, start, end, count)
+                except ProtocolError as exc:
+                    self._broken(w, f"a malformed DATA frame ({exc})")
+                    return
+                w.frames_in += 1
+                w.messages_in += count
+                chan = bytes(buf[off + HEADER_SIZE : start])
+                subs = routes.get(chan)
+                if subs:
+                    frame = buf[off:end]
+                    if dest == BROADCAST:
+                        for t, hubs in subs.items():
+                            if t is not w or hubs > 1:
+                                enqueue(t, frame, count)
+                    else:
+                        one = self.peers.get(dest)
+                        if one is not None and one in subs:
+                            enqueue(one, frame, count)
+                        else:
+                            self._unroutable(w, chan, dest, count, buf, start)
+                else:
+                    if dest != BROADCAST:
+                        self._unroutable(w, chan, dest, count, buf, start)
+                    else:
+                        self.unroutable += count
+            else:
+                w.frames_in += 1
+                self._control(w, kind, bytes(buf[off + HEADER_SIZE : start]), dest, count, buf[start:end])
+            off = end
+        if off == n:
+            w.inbuf = bytearray()
+        elif buf is w.inbuf:
+            del buf[:off]
+        else:
+            w.inbuf = bytearray(memoryview(buf)[off:])
+
+    def _unroutable(self, w: Peer, chan: bytes, dest: int, count: int, buf: Any, start: int) -> None:
+        """Addressed messages for a worker that is not on the channel: tell the publishing hub."""
+        self.unroutable += count
+        olen = META.unpack_from(buf, start + SIZE.size)[0]  # checked: the first record has metadata
+        first = start + SIZE.size + META.size
+        origin = bytes(buf[first : first + olen])
+        self.enqueue_control(w, pack_frame(UNREACHABLE, chan, dest, w.index, origin + b"\0", count))
+
+    def _control(self, w: Peer, kind: int, chan: bytes, dest: int, count: int, body: Any) -> None:
+        if kind == SUB:
+            w.channels[chan] = w.channels.get(chan, 0) + 1
+            self.routes.setdefault(chan, {})[w] = w.channels[chan]
+            self.enqueue_control(w, pack_frame(ACK, chan, 0xFFFF, w.index))
+        elif kind == UNSUB:
+            left = w.channels.get(chan, 0) - 1
+            if left > 0:
+                w.channels[chan] = left
+                self.routes[chan][w] = left
+            elif chan in w.channels:
+                del w.channels[chan]
+                subs = self.routes.get(chan)
+                if subs is not None:
+                    subs.pop(w, None)
+                    if not subs:
+                        del self.routes[chan]
+        elif kind == UNREACHABLE:
+            # A worker found no hub for an addressed message: tell the worker that published it.
+            t = self.peers.get(dest)
+            if t is not None and t is not w:
+                self.enqueue_control(t, pack_frame(UNREACHABLE, chan, w.index, dest, bytes(body), count))
+        else:
+            self.on_control(w, kind, chan, count)
+
+    def _broken(self, w: Peer, reason: str) -> None:
+        w.malformed += 1
+        self.malformed += 1
+        self.disconnect(w)
+        self.on_broken(w, reason)
+
+    # -- writing -------------------------------------------------------------
+
+    def enqueue(self, t: Peer, frame: Any, count: int) -> None:
+        """Queue a DATA frame for ``t``, or drop and count it if ``t``'s buffer is full."""
+        size = len(frame)
+        if t.out_bytes + size > self.max_buffer and t.out and not t.want_write:
+            self.flush(t)  # a large read batch: write what the socket takes before judging
+            if not t.connected:
+                return
+        if t.out_bytes + size > self.max_buffer:
+            t.dropped += count
+            t.dropped_frames += 1
+            _ratelimited(
+                ("drop", t.index),
+                logging.WARNING,
+                "worker %d (pid %d) is not keeping up: its output buffer is full (%d bytes); "
+                "%d messages dropped for it so far",
+                t.index,
+                t.pid,
+                self.max_buffer,
+                t.dropped,
+            )
+            return
+        t.out.append(frame)
+        t.out_bytes += size
+        t.frames_out += 1
+        t.messages_out += count
+        if not t.dirty:
+            t.dirty = True
+            self._dirty.append(t)
+
+    def enqueue_control(self, t: Peer, frame: bytes) -> None:
+        """Queue a control frame for ``t``."""
+        if not t.connected:
+            return
+        t.out.append(frame)
+        t.out_bytes += len(frame)
+        if not t.dirty:
+            t.dirty = True
+            self._dirty.append(t)
+
+    def flush_dirty(self) -> None:
+        """Write what this turn queued (the loop calls it after every turn)."""
+        dirty = self._dirty
+        if dirty:
+            self._dirty = []
+            for w in dirty:
+                w.dirty = False
+                if w.connected and not w.want_write:
+                    self.flush(w)
+
+    def flush(self, w: Peer) -> None:
+        """Write as much of ``w``'s output as its socket takes, without blocking."""
+        out = w.out
+        while out:
+            chunk = out if len(out) <= IOV_MAX else out[:IOV_MAX]
+            try:
+                sent = w.sock.sendmsg(chunk)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.disconnect(w)
+                return
+            w.bytes_out += sent
+            w.out_bytes -= sent
+            i = 0
+            for part in chunk:
+                size = len(part)
+                if sent < size:
+                    break
+                sent -= size
+                i += 1
+            partial = i < len(chunk)
+            if partial and sent:
+                out[i] = memoryview(out[i])[sent:]
+            del out[:i]
+            if partial:
+                break
+        want = bool(out)
+        if want != w.want_write:
+            w.want_write = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self.loop.modify(w.sock, events, lambda mask, p=w: self._ready(p, mask))
+
+    def channels(self) -> Dict[str, int]:
+        """Channel name -> number of workers on it."""
+        return {c.decode("utf-8", "replace"): len(s) for c, s in self.routes.items()}
+

@@ -1,0 +1,212 @@
+"""Subscriptions: how a hub hands messages to its subscribers.
+
+A :class:`Subscription` with a callback calls it on the delivering thread;
+one without queues messages in a bounded queue (the shared
+:class:`~clustersync.message.BoundedQueue`, oldest dropped and counted) for
+``get()``, ``for`` and ``async for``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
+
+from ._log import RateLimitedLog
+from .message import BoundedQueue, Message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hub import Hub
+
+__all__ = ["Subscription", "SubscriptionClosed", "Callback"]
+
+Callback = Callable[[Message], Any]
+_ratelimited = RateLimitedLog()
+
+
+class SubscriptionClosed(RuntimeError):
+    """Raised by :meth:`Subscription.get` once the subscription is closed and drained."""
+
+
+class Subscription:
+    """A hub's subscription to one topic.
+
+    With a callback, messages are handed to it on the delivering thread.
+    Without one, they wait in a bounded queue (oldest dropped on overflow)
+    for :meth:`get`, ``for msg in sub`` or ``async for msg in sub``.
+    """
+
+    __slots__ = ("hub", "topic", "callback", "maxsize", "_queue", "_closed", "_waiters")
+
+    def __init__(self, hub: "Hub", topic: str, callback: Optional[Callback], maxsize: int) -> None:
+        self.hub = hub
+        self.topic = topic
+        self.callback = callback
+        self.maxsize = maxsize
+        self._queue: BoundedQueue[Message] = BoundedQueue(maxsize, self._overflow)
+        self._closed = False
+        self._waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`unsubscribe` ran (or the hub closed)."""
+        return self._closed
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the queue was full."""
+        return self._queue.dropped
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Subscription topic={self.topic!r} {state} queued={len(self._queue)}>"
+
+    # -- delivery (called by the hub) -------------------------------------
+
+    def _deliver(self, msg: Message) -> None:
+        callback = self.callback
+        if callback is not None:
+            if self._closed:
+                return
+            hub = self.hub
+            try:
+                callback(msg)
+            except Exception as exc:
+                hub._report(exc, "delivery")
+            else:
+                hub._delivered += 1
+            return
+        self._enqueue((msg,))
+
+    def _deliver_many(self, msgs: Sequence[Message]) -> None:
+        callback = self.callback
+        if callback is None:
+            self._enqueue(msgs)
+            return
+        hub = self.hub
+        delivered = 0
+        for msg in msgs:
+            if self._closed:
+                break
+            try:
+                callback(msg)
+            except Exception as exc:
+                hub._report(exc, "delivery")
+            else:
+                delivered += 1
+        hub._delivered += delivered
+
+    def _enqueue(self, msgs: Sequence[Message]) -> None:
+        queue = self._queue
+        if queue.closed:
+            return
+        queue.put_many(msgs)
+        self.hub._delivered += len(msgs)
+        if self._waiters:
+            with queue.cond:
+                self._wake_async()
+
+    def _overflow(self, count: int) -> None:
+        self.hub._dropped += count
+        _ratelimited(
+            ("queue", id(self)),
+            logging.WARNING,
+            "subscription to %r is full (%d messages): dropped the oldest, %d so far",
+            self.topic,
+            self.maxsize,
+            self._queue.dropped,
+        )
+
+    def _wake_async(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    # -- consuming ---------------------------------------------------------
+
+    def get(self, timeout: Optional[float] = None) -> Message:
+        """Return the next message, waiting up to ``timeout`` seconds (None: forever).
+
+        Raises ``TimeoutError`` when the time runs out and
+        :class:`SubscriptionClosed` once the subscription is closed and empty.
+        """
+        if self.callback is not None:
+            raise RuntimeError("this subscription has a callback; get() is for queue subscriptions")
+        try:
+            return self._queue.get(timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no message on {self.topic!r} within {timeout} s") from None
+        except EOFError:
+            raise SubscriptionClosed(f"subscription to {self.topic!r} is closed") from None
+
+    def __iter__(self) -> Iterator[Message]:
+        return self
+
+    def __next__(self) -> Message:
+        try:
+            return self.get()
+        except SubscriptionClosed:
+            raise StopIteration from None
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self.callback is not None:
+            raise RuntimeError("this subscription has a callback; async for is for queue subscriptions")
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            with queue.cond:
+                msg = queue.get_nowait_locked()
+                if msg is not None:
+                    return msg
+                if queue.closed:
+                    raise StopAsyncIteration
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.append((loop, fut))
+            try:
+                await fut
+            finally:
+                with queue.cond:
+                    try:
+                        self._waiters.remove((loop, fut))
+                    except ValueError:
+                        pass
+
+    def qsize(self) -> int:
+        """Messages waiting in the queue."""
+        return len(self._queue)
+
+    # -- closing -----------------------------------------------------------
+
+    def unsubscribe(self) -> None:
+        """Stop receiving: no callback of this subscription starts after this returns.
+
+        Queued messages can still be read; safe to call twice.
+        """
+        if self._closed:
+            return
+        self.hub._remove(self)
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        queue = self._queue
+        queue.close()
+        with queue.cond:
+            self._wake_async()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unsubscribe()
+
+
+def _resolve(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
