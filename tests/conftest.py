@@ -6,7 +6,7 @@ import faulthandler
 import os
 import signal
 import time
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 
@@ -43,31 +43,35 @@ def _deadline(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _no_leftover_children() -> Iterator[None]:
-    """Kill any child process a test left behind, and fail the test for it."""
-    before = set(_children())
+    """Kill any process a test left behind (children and their children), and fail the test for it."""
+    before = set(_descendants())
     yield
     deadline = time.monotonic() + 5
-    left = set(_children()) - before
+    left = set(_descendants()) - before
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = set(_children()) - before
+        left = set(_descendants()) - before
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     if left:
-        pytest.fail(f"test left child processes behind: {sorted(left)}")
+        pytest.fail(f"test left processes behind: {sorted(left)}")
 
 
-def _children() -> list:
-    """Pids of this process's live (non-zombie) children, from /proc."""
+def _descendants() -> List[int]:
+    """Pids of this process's live (non-zombie) descendants, from /proc.
+
+    multiprocessing's long-lived helpers (the forkserver, the resource
+    tracker) are not leaks; the workers a forkserver starts are counted.
+    """
     me = os.getpid()
-    out = []
+    parent: Dict[int, int] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return out
+        return []
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -77,12 +81,19 @@ def _children() -> list:
         except OSError:
             continue
         rest = stat[stat.rfind(")") + 2 :].split()
-        if len(rest) > 1 and rest[0] != "Z" and int(rest[1]) == me and not _is_helper(entry):
-            out.append(int(entry))
+        if len(rest) > 1 and rest[0] != "Z":
+            parent[int(entry)] = int(rest[1])
+    out = []
+    for pid in parent:
+        p = parent.get(pid)
+        while p is not None and p != me:
+            p = parent.get(p)
+        if p == me and not (parent[pid] == me and _is_helper(pid)):  # a forkserver's children are workers
+            out.append(pid)
     return out
 
 
-def _is_helper(pid: str) -> bool:
+def _is_helper(pid: int) -> bool:
     """multiprocessing's long-lived helpers (forkserver, resource tracker) are not leaks."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -7,7 +7,7 @@ from typing import Any, List, Tuple
 
 import pytest
 
-from clustersync import Hub
+from clustersync import Address, Hub
 from clustersync.sync import broadcast_channel
 
 from .conftest import wait_for
@@ -90,3 +90,33 @@ def test_close_leaves_the_channel() -> None:
 def test_bad_channel(channel: Any) -> None:
     with pytest.raises(ValueError):
         broadcast_channel(channel=channel)
+
+
+def test_to_reaches_only_the_addressed_hub() -> None:
+    errors: List[Any] = []
+    a = Hub(sync=broadcast_channel(channel="bcto"), on_error=lambda e, s: errors.append((e, s)))
+    b = Hub(sync=broadcast_channel(channel="bcto"))
+    c = Hub(sync=broadcast_channel(channel="bcto"))
+    try:
+        got_b = b.subscribe("t")
+        got_c = c.subscribe("t")
+        answers = a.subscribe("answer")
+        b.subscribe("t", lambda m: b.publish("answer", m.data, to=m.origin))
+        a.publish("t", "for b", to=b.address)
+        assert got_b.get(timeout=5).data == "for b"
+        reply = answers.get(timeout=5)
+        assert reply.data == "for b" and reply.origin == b.address
+        a.publish("t", "everyone")
+        assert got_c.get(timeout=5).data == "everyone"  # the first thing c got: not "for b"
+        assert got_b.get(timeout=5).data == "everyone"
+        assert c.stats()["received"] == 1 and c.stats()["driver"]["received"] == 1
+        a.publish("t", "nobody", to=Address(-1, "gone"))
+        assert [(type(e).__name__, s, e.destination) for e, s in errors] == [
+            ("DestinationUnreachable", "publish", Address(-1, "gone"))
+        ]
+        assert a.stats()["unreachable"] == 1
+        with pytest.raises(TypeError):
+            a.publish("t", "x", to="b")  # type: ignore[arg-type]
+    finally:
+        for hub in (a, b, c):
+            hub.close()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from typing import Any, Callable, Dict, List
 
@@ -313,3 +314,129 @@ def test_slow_worker_drops_only_its_own() -> None:
             os.kill(handles[2].pid, signal.SIGCONT)
         primary.close(timeout=5)
         results.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_to_reaches_only_the_addressed_hub_or_worker(method: str) -> None:
+    out = run_workers(workers.addressed, 3, start_method=method)
+    _, got0, errors, unreachable = out[0]
+    _, got1, _, _ = out[1]
+    _, got2, _, _ = out[2]
+    assert got1["A"] == ["end"]  # the other hub of worker 1 saw nothing addressed to B
+    assert got1["B"] == [f"only-B{i}" for i in range(5)] + ["end"]
+    assert got2["A"] == [f"only-w2-{i}" for i in range(5)] + ["end"]
+    # Every hub answered msg.origin: the answers reached worker 0's hub, and no other hub.
+    acks = sorted(x for x in got0["A"] if isinstance(x, tuple))
+    assert acks == [("ack", 0, "end"), ("ack", 1, "end"), ("ack", 1, "end"), ("ack", 2, "end")]
+    assert [x for x in got0["A"] if not isinstance(x, tuple)] == ["end"]  # its own broadcast, locally
+    # Destinations that do not exist: counted and reported, never raised.
+    assert errors == [
+        ("DestinationUnreachable", "publish", "7", 1),
+        ("DestinationUnreachable", "publish", "w1/no-such-hub", 1),
+    ]
+    assert unreachable == 2
+    assert out["stats"]["unroutable"] == 1  # worker 7: the primary's count
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_primary_blocked_on_a_queue_relays_exactly_once_in_order(tmp_path: Any, method: str) -> None:
+    """setup_primary_cluster(), fork, then block on a Queue (or asyncio): the relay runs on its own thread."""
+    script = tmp_path / "primary.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio, multiprocessing, sys
+            sys.path.insert(0, {os.getcwd()!r})
+            from clustersync import setup_primary_cluster
+            from tests import workers
+
+            def collect(results):
+                return [results.get(timeout=30) for _ in range(4)]
+
+            async def in_asyncio(results):
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(None, collect, results)
+
+            if __name__ == "__main__":
+                primary = setup_primary_cluster(start_method={method!r}, workers=4)
+                ctx = multiprocessing.get_context(primary.start_method)
+                results, barrier = ctx.Queue(), ctx.Barrier(4)
+                for _ in range(4):
+                    primary.fork(workers.exchange, results, barrier, "q", 2000, [0, 1, 2, 3], "json")
+                if sys.argv[1] == "asyncio":
+                    got = asyncio.run(in_asyncio(results))
+                else:
+                    got = collect(results)
+                ok = True
+                for index, address, ready, items, stats in got:
+                    by = {{}}
+                    for origin, data in items:
+                        by.setdefault(origin, []).append(data["i"])
+                    ok = ok and ready and len(by) == 4 and all(v == list(range(2000)) for v in by.values())
+                print("exactly once, in order" if ok else f"FAILED {{got}}", flush=True)
+                print("joined" if primary.join(30) else "join timed out", flush=True)
+            """
+        )
+    )
+    for mode in ("queue", "asyncio"):
+        proc = subprocess.run(
+            [sys.executable, str(script), mode], capture_output=True, text=True, timeout=50, start_new_session=True
+        )
+        assert proc.stdout.splitlines() == ["exactly once, in order", "joined"], proc.stdout + proc.stderr
+        assert proc.returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_fork_and_stats_from_many_threads_at_once() -> None:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    primary = Primary(start_method="fork")
+    errors: List[BaseException] = []
+    handles: List[Any] = []
+    stats: List[Any] = []
+
+    def starter() -> None:
+        try:
+            for _ in range(2):
+                handles.append(primary.fork(workers.sleeper, results))
+                stats.append(primary.stats())
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=starter) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert sorted(h.index for h in handles) == list(range(8))  # no index given twice
+        pids = {results.get(timeout=10) for _ in range(8)}
+        assert pids == {h.pid for h in handles}  # every worker runs
+        assert len(stats) == 8 and all("workers" in s for s in stats)
+        assert primary.stop_workers(timeout=10)
+    finally:
+        primary.close(timeout=5)
+        results.close()
+
+
+def test_importing_clustersync_for_broadcast_channel_loads_no_relay_module() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import clustersync
+        from clustersync import Hub
+        from clustersync.sync import broadcast_channel
+        a, b = Hub(sync=broadcast_channel(channel="c")), Hub(sync=broadcast_channel(channel="c"))
+        got = b.subscribe("t")
+        a.publish("t", "x")
+        assert got.get(timeout=5).data == "x"
+        a.close(); b.close()
+        loaded = sorted(m for m in sys.modules if m.startswith(("clustersync.relay", "clustersync.runner")))
+        print(loaded, "multiprocessing" in sys.modules)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=os.getcwd())
+    assert proc.stdout.strip() == "[] False", proc.stdout + proc.stderr

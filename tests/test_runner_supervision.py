@@ -201,3 +201,37 @@ def test_when_the_primary_is_killed_a_worker_ignoring_sigterm_exits_all_the_same
         run.signal(signal.SIGKILL)
         run.wait()
         wait_gone(pids, 2)  # the worker's link hard-exits a second after it lost the primary
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_sends_a_malformed_frame_is_replaced_and_nobody_else_notices() -> None:
+    """One log line names the sender; it is killed and replaced; the others keep talking and still die with the primary."""
+    with Run("tests.apps.chat_hooks:main", "-w", "3", "--bind", "127.0.0.1:0") as run:
+        port = run.port()
+        pids = run.ready(3)
+        streams: List[SSE] = []
+        try:
+            streams = open_streams(port, 3)
+            mark = len(run.lines)
+            os.kill(pids[1], signal.SIGPWR)
+            run.wait_line(rf"worker 1 \(pid {pids[1]}\) sent a malformed DATA frame", after=mark)
+            run.wait_line(
+                rf"worker 1 \(pid {pids[1]}\) was killed by SIGKILL \(by the primary: malformed frame\); restarting it",
+                after=mark,
+            )
+            pids = pids | run.ready(1, after=mark)
+            assert len(run.matches(r"sent a malformed")) == 1, run.log
+            by_worker = {s.worker: s for s in streams}
+            for sender, reader in ((0, 2), (2, 0)):
+                sent = post_via(port, sender, f"from {sender} after the garbage")
+                by_worker[reader].read_until([sent["id"]])
+            newcomer = open_streams(port, 3)
+            streams += newcomer
+            sent = post_via(port, 0, "to the replacement too")
+            for sse in newcomer:
+                sse.read_until([sent["id"]])
+        finally:
+            for sse in streams:
+                sse.close()
+        os.kill(run.pid, signal.SIGKILL)
+        wait_gone(list(pids.values()), 2.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from clustersync import Hub, Message, current_worker
 from clustersync.sync import cluster, setup_primary_cluster
@@ -199,6 +199,7 @@ def slow_consumer(results: Any, go: Any, again: Any, count: int) -> None:
 def garbage(results: Any, mode: str) -> None:
     """Write bytes that break the wire format straight to the pipe, then wait to be stopped."""
     import random
+    import struct
 
     from clustersync.relay.link import current_link
     from clustersync.relay.wire import DATA, HEADER
@@ -211,6 +212,12 @@ def garbage(results: Any, mode: str) -> None:
         sock.sendall(HEADER.pack(0xFFFFFFF0, DATA, 1, me, 0xFFFF, 1) + b"c" + b"\0" * 64)
     elif mode == "origin":
         sock.sendall(HEADER.pack(1, DATA, 1, me + 1, 0xFFFF, 1) + b"c")
+    elif mode == "badbody":  # a whole frame, a valid header, a record cut short inside it
+        body = b"c" + struct.pack("<IBBHH", 3, 1, 0, 0, 1) + b"ot" + struct.pack("<I", 2)  # sizes cut short
+        sock.sendall(HEADER.pack(len(body), DATA, 1, me, 0xFFFF, 1) + body)
+    elif mode == "badlength":  # a record whose size runs far past its frame
+        body = b"c" + struct.pack("<IBBHH", 1, 1, 0, 0, 1) + b"ot" + struct.pack("<I", 0x7FFFFFF0) + b"data"
+        sock.sendall(HEADER.pack(len(body), DATA, 1, me, 0xFFFF, 1) + body)
     elif mode == "truncated":
         sock.sendall(HEADER.pack(100, DATA, 1, me, 0xFFFF, 1) + b"c" + b"\0" * 9)
         results.put(("sent", me))
@@ -309,3 +316,52 @@ def busy(results: Any) -> None:
     data = b"x" * 512
     while True:
         hub.publish("t", data)
+
+
+def addressed(results: Any, barrier: Any) -> None:
+    """``to=``: worker 0 learns the others' addresses from their hello (``msg.origin``), then addresses them.
+
+    Worker 1 runs two hubs (A and B), worker 2 one. Worker 0 sends five
+    messages to hub B alone, five to worker 2 (every hub there), two to
+    destinations that do not exist, then a broadcast "end". Every hub answers
+    "end" with an "ack" to ``msg.origin``. Each worker reports what each of
+    its hubs received, and worker 0 the errors its hub was told of.
+    """
+    from clustersync import Address, DestinationUnreachable
+
+    me = current_worker().index
+    errors: List[Any] = []
+    names = ["A", "B"] if me == 1 else ["A"]
+    hubs = {n: Hub(sync=cluster(channel="addr"), on_error=lambda e, s: errors.append((type(e).__name__, s, e))) for n in names}
+    got: Dict[str, List[Any]] = {n: [] for n in names}
+    hellos: Dict[str, Any] = {}
+    for name, hub in hubs.items():
+        hub.subscribe("t", lambda m, name=name: got[name].append(m.data))
+        hub.subscribe("ack", lambda m, name=name: got[name].append(("ack", m.origin.worker, m.data)))
+        hub.subscribe("hello", lambda m: hellos.__setitem__(m.data, m.origin))
+        hub.subscribe(
+            "t", lambda m, hub=hub: m.data == "end" and hub.publish("ack", m.data, to=m.origin)
+        )
+        assert hub.wait_ready(10)
+    barrier.wait(20)
+    for name, hub in hubs.items():
+        hub.publish("hello", f"{me}{name}")
+    if me == 0:
+        hub = hubs["A"]
+        assert _wait(lambda: len(hellos) >= 4, 10), hellos
+        assert hellos["1B"] == Address(1, hellos["1B"].hub) and hellos["0A"] == hub.address
+        for i in range(5):
+            hub.publish("t", f"only-B{i}", to=hellos["1B"])
+        for i in range(5):
+            hub.publish("t", f"only-w2-{i}", to=2)
+        hub.publish("t", "nobody", to=7)
+        hub.publish("t", "nobody", to=Address(1, "no-such-hub"))
+        hub.publish("t", "end")
+        _wait(lambda: len([x for x in got["A"] if isinstance(x, tuple)]) >= 4 and len(errors) >= 2, 10)
+        results.put((me, got, sorted((n, s, str(e.destination), e.count) for n, s, e in errors if isinstance(e, DestinationUnreachable)), hubs["A"].stats()["unreachable"]))
+    else:
+        _wait(lambda: all("end" in g for g in got.values()), 10)
+        results.put((me, got, [], 0))
+    barrier.wait(20)
+    for hub in hubs.values():
+        hub.close()

@@ -29,18 +29,19 @@ from .wire import (
     FRAME_TARGET,
     HEADER,
     HEADER_SIZE,
-    META,
     PING,
     PONG,
     READY,
-    SAME_META,
+    RUN,
     SIZE,
     STOP,
     SUB,
     UNREACHABLE,
     UNSUB,
     ProtocolError,
+    pack_sizes,
     parse_records,
+    run_head,
 )
 
 __all__ = ["WorkerLink", "current_link"]
@@ -60,7 +61,17 @@ _ratelimited = RateLimitedLog()
 #: One hub on a channel: (hub id, deliver_batch, on_unreachable).
 Member = Tuple[str, DeliverBatch, Optional[OnUnreachable]]
 _pack_size = SIZE.pack
-_pack_meta = META.pack
+_pack_run = RUN.pack
+
+
+def _close_run(entry: List[Any]) -> None:
+    """Move the run being filled in a pending DATA frame into its body."""
+    sizes = entry[9]
+    if sizes:
+        entry[3].append(run_head(len(sizes), entry[5], entry[8], entry[6], entry[7]) + pack_sizes(sizes))
+        entry[3].append(entry[10])
+        entry[9] = []
+        entry[10] = bytearray()
 _monotonic = time.monotonic
 
 
@@ -95,7 +106,9 @@ class WorkerLink:
         self.publish_block = publish_block
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        # Pending runs, in publish order: [kind, channel, dest, body, count, origin, ns, topic, to].
+        # Pending frames, in publish order: [kind, channel, dest, body, count] for control frames and
+        # raw bytes; DATA frames go on with [origin, ns, topic, to, sizes, data, frame size]: the run
+        # being filled, while body holds the runs already closed (see _close_run).
         self._runs: List[List[Any]] = []
         self._pending = 0  # bytes in _runs
         self._inflight = 0  # bytes taken by the writer and not yet written
@@ -198,31 +211,28 @@ class WorkerLink:
             self._last_publish = now
             if runs:
                 last = runs[-1]
-                body = last[3]
                 if (
-                    last[1] == channel
+                    last[0] == DATA
+                    and last[1] == channel
                     and last[2] == dest
-                    and last[0] == DATA
-                    and len(body) + size < FRAME_TARGET
+                    and last[11] + size < FRAME_TARGET
                     and (dest == BROADCAST or last[5] is origin)  # an addressed frame names one publisher
                 ):
-                    if last[5] is origin and last[6] is ns and last[7] is topic and last[8] is to:
-                        body += _pack_size(size | SAME_META)
-                    else:
-                        body += _pack_size(size) + _pack_meta(len(origin), len(to), len(ns), len(topic))
-                        body += origin + to + ns + topic
+                    if not (last[5] is origin and last[6] is ns and last[7] is topic and last[8] is to):
+                        _close_run(last)
                         last[5] = origin
                         last[6] = ns
                         last[7] = topic
                         last[8] = to
-                    body += data
+                        last[11] += 10 + len(origin) + len(to) + len(ns) + len(topic)
+                    last[9].append(size)
+                    last[10] += data
+                    last[11] += size + 4
                     last[4] += 1
                     self._pending += size
                     return
-            body = bytearray(_pack_size(size) + _pack_meta(len(origin), len(to), len(ns), len(topic)))
-            body += origin + to + ns + topic
-            body += data
-            runs.append([DATA, channel, dest, body, 1, origin, ns, topic, to])
+            fsize = 14 + len(origin) + len(to) + len(ns) + len(topic) + size
+            runs.append([DATA, channel, dest, [], 1, origin, ns, topic, to, [size], bytearray(data), fsize])
             self._pending += size
             if self._writer_waiting:
                 self._cond.notify_all()
@@ -235,8 +245,8 @@ class WorkerLink:
         What the socket does not take at once goes to the writer thread, first in line.
         """
         body = (
-            _pack_size(len(data)) + _pack_meta(len(origin), len(to), len(ns), len(topic))
-            + origin + to + ns + topic + data
+            _pack_run(1, len(origin), len(to), len(ns), len(topic)) + origin + to + ns + topic
+            + _pack_size(len(data)) + data
         )
         frame = HEADER.pack(len(channel) + len(body), DATA, len(channel), self.index, dest, 1) + channel + body
         try:
@@ -246,7 +256,7 @@ class WorkerLink:
         self.frames_out += 1
         self.messages_out += 1
         if sent < len(frame):
-            self._runs.append([_RAW, b"", 0, frame[sent:], 0, None, None, None, None])
+            self._runs.append([_RAW, b"", 0, frame[sent:], 0])
             self._pending += len(frame) - sent
             if self._writer_waiting:
                 self._cond.notify_all()
@@ -271,7 +281,7 @@ class WorkerLink:
         with self._cond:
             if self._closed:
                 return
-            self._runs.append([kind, channel, dest, body, count, None, None, None, None])
+            self._runs.append([kind, channel, dest, body, count])
             if self._writer_waiting:
                 self._cond.notify_all()
 
@@ -300,13 +310,18 @@ class WorkerLink:
                 self._writing = True  # no direct write may interleave with ours
             parts: List[Any] = []
             messages = 0
-            for kind, channel, dest, body, count, _o, _n, _t, _to in runs:
-                if kind != _RAW:
-                    parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
-                    parts.append(channel)
-                parts.append(body)
+            for entry in runs:
+                kind, channel, dest, body, count = entry[:5]
+                if kind == _RAW:
+                    parts.append(body)
+                    continue
                 if kind == DATA:
+                    _close_run(entry)
+                    body = b"".join(body)
                     messages += count
+                parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
+                parts.append(channel)
+                parts.append(body)
             try:
                 sock.sendall(b"".join(parts))
             except OSError as exc:

@@ -26,8 +26,7 @@ from .wire import (
     HEADER,
     HEADER_SIZE,
     KINDS,
-    META,
-    SIZE,
+    RUN,
     SUB,
     UNREACHABLE,
     UNSUB,
@@ -248,9 +247,8 @@ class Router:
     def _unroutable(self, w: Peer, chan: bytes, dest: int, count: int, buf: Any, start: int) -> None:
         """Addressed messages for a worker that is not on the channel: tell the publishing hub."""
         self.unroutable += count
-        olen = META.unpack_from(buf, start + SIZE.size)[0]  # checked: the first record has metadata
-        first = start + SIZE.size + META.size
-        origin = bytes(buf[first : first + olen])
+        olen = RUN.unpack_from(buf, start)[1]  # checked: the first run names its origin
+        origin = bytes(buf[start + RUN.size : start + RUN.size + olen])
         self.enqueue_control(w, pack_frame(UNREACHABLE, chan, dest, w.index, origin + b"\0", count))
 
     def _control(self, w: Peer, kind: int, chan: bytes, dest: int, count: int, body: Any) -> None:

@@ -10,15 +10,16 @@ worker's index (the primary refuses a frame whose origin is not its sender,
 so a worker cannot speak for another), ``dest`` a worker index or
 ``BROADCAST``, ``count`` the number of messages in a DATA frame.
 
-A DATA frame's body is one or more message records. A record starts with
-``<I size>``. If its top bit (``SAME_META``) is set, the record is
-``size & ~SAME_META`` bytes of data with the same metadata as the record
-before it in this frame. Otherwise its metadata comes first::
+A DATA frame's body is one or more runs. A run is messages that share their
+metadata (origin, destination hub, namespace, topic)::
 
-    <I size> <B origin_len> <B to_len> <H namespace_len> <H topic_len> origin to namespace topic data
+    <I n> <B origin_len> <B to_len> <H namespace_len> <H topic_len>
+    origin to namespace topic  <n x I size>  data (the n messages, back to back)
 
 ``origin`` is the publishing hub's id within its worker; ``to`` is empty, or
-the id of the one hub (in worker ``dest``) the record is for. Names are UTF-8.
+the id of the one hub (in worker ``dest``) the run is for. Names are UTF-8.
+The sizes sit together so that a whole run is checked, and split, without a
+Python-level step per message.
 
 :func:`check_records` (the primary, before it relays a frame) and
 :func:`parse_records` (a worker, before it delivers one) are the only record
@@ -31,14 +32,14 @@ messages found nobody: its body is ``publisher hub id NUL [to hub id]``, its
 from __future__ import annotations
 
 import struct
-from typing import Any, List, Optional, Tuple
+from itertools import accumulate, islice
+from typing import Any, List, Sequence, Tuple
 
 __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "SIZE",
-    "META",
-    "SAME_META",
+    "RUN",
     "BROADCAST",
     "MAX_WORKERS",
     "DATA",
@@ -53,10 +54,11 @@ __all__ = [
     "KINDS",
     "ProtocolError",
     "pack_frame",
-    "pack_record",
+    "pack_run",
+    "run_head",
+    "pack_sizes",
     "check_records",
     "parse_records",
-    "record_overhead",
     "max_body",
     "FRAME_TARGET",
     "MAX_RECORD_OVERHEAD",
@@ -64,10 +66,8 @@ __all__ = [
 ]
 
 HEADER = struct.Struct("<IBBHHI")
+RUN = struct.Struct("<IBBHH")
 SIZE = struct.Struct("<I")
-META = struct.Struct("<BBHH")
-SAME_META = 0x80000000
-SIZE_MASK = SAME_META - 1
 HEADER_SIZE = HEADER.size
 BROADCAST = 0xFFFF
 MAX_WORKERS = 0xFFFE
@@ -92,9 +92,14 @@ class ProtocolError(ValueError):
     """A frame or record that breaks the wire format."""
 
 
-def record_overhead(origin: bytes, to: bytes, namespace: bytes, topic: bytes) -> int:
-    """Bytes a record with this metadata adds to its data."""
-    return SIZE.size + META.size + len(origin) + len(to) + len(namespace) + len(topic)
+def run_head(n: int, origin: bytes, to: bytes, namespace: bytes, topic: bytes) -> bytes:
+    """The head of a run of ``n`` messages: counts and names (the sizes and data follow)."""
+    return RUN.pack(n, len(origin), len(to), len(namespace), len(topic)) + origin + to + namespace + topic
+
+
+def pack_sizes(sizes: Sequence[int]) -> bytes:
+    """The sizes of a run's messages, as the wire carries them."""
+    return struct.pack(f"<{len(sizes)}I", *sizes)
 
 
 def pack_frame(
@@ -110,121 +115,94 @@ def pack_frame(
     )
 
 
-def pack_record(
-    origin: bytes, namespace: bytes, topic: bytes, data: bytes, same: bool = False, to: bytes = b""
-) -> bytes:
-    """Return one message record; ``same``: reuse the previous record's metadata."""
-    if same:
-        return SIZE.pack(len(data) | SAME_META) + data
-    return (
-        SIZE.pack(len(data))
-        + META.pack(len(origin), len(to), len(namespace), len(topic))
-        + origin
-        + to
-        + namespace
-        + topic
-        + data
-    )
+def pack_run(origin: bytes, namespace: bytes, topic: bytes, datas: Sequence[bytes], to: bytes = b"") -> bytes:
+    """Return one whole run of messages."""
+    return run_head(len(datas), origin, to, namespace, topic) + pack_sizes([len(d) for d in datas]) + b"".join(datas)
 
 
 def check_records(buf: Any, pos: int, end: int, count: int) -> None:
-    """Check the records in ``buf[pos:end]`` without copying any data (the primary's check).
+    """Check the runs in ``buf[pos:end]`` without copying any data (the primary's check).
 
-    Raises :class:`ProtocolError` unless they are exactly ``count`` well-formed
-    records that fill the range, with non-empty UTF-8 origins and UTF-8 names.
+    Raises :class:`ProtocolError` unless they hold exactly ``count`` messages
+    and fill the range, every run with at least one message, a non-empty
+    origin and UTF-8 names.
     """
-    unpack_size = SIZE.unpack_from
-    unpack_meta = META.unpack_from
-    n = 0
-    meta = False
+    unpack_run = RUN.unpack_from
+    unpack = struct.unpack_from
+    total = 0
     if count < 1:
         raise ProtocolError("a DATA frame must carry at least one message")
     while pos < end:
-        if end - pos < 4:
-            raise ProtocolError("truncated record size")
-        (size,) = unpack_size(buf, pos)
-        pos += 4
-        if size & SAME_META:
-            if not meta:
-                raise ProtocolError("the first record of a frame has no metadata")
-            pos += size & SIZE_MASK
-        else:
-            if end - pos < 6:
-                raise ProtocolError("truncated record metadata")
-            olen, tolen, nlen, tlen = unpack_meta(buf, pos)
-            pos += 6
-            names_end = pos + olen + tolen + nlen + tlen
-            if names_end > end:
-                raise ProtocolError("record metadata runs past the end of its frame")
-            if not olen:
-                raise ProtocolError("a record without an origin")
-            try:
-                str(buf[pos:names_end], "utf-8")
-            except UnicodeDecodeError:
-                raise ProtocolError("record metadata is not UTF-8") from None
-            pos = names_end + size
-            meta = True
-        n += 1
+        if end - pos < 10:
+            raise ProtocolError("truncated run header")
+        n, olen, tolen, nlen, tlen = unpack_run(buf, pos)
+        pos += 10
+        names_end = pos + olen + tolen + nlen + tlen
+        sizes_end = names_end + 4 * n
+        if not n or not olen:
+            raise ProtocolError("a run without messages or without an origin")
+        if sizes_end > end:
+            raise ProtocolError("a run's names or sizes run past the end of its frame")
+        try:
+            str(buf[pos:names_end], "utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("names that are not UTF-8") from None
+        pos = sizes_end + sum(unpack(f"<{n}I", buf, names_end))
+        total += n
     if pos != end:
-        raise ProtocolError("a record runs past the end of its frame")
-    if n != count:
-        raise ProtocolError(f"the header says {count} messages, the body holds {n}")
+        raise ProtocolError("a run's data runs past the end of its frame")
+    if total != count:
+        raise ProtocolError(f"the header says {count} messages, the body holds {total}")
 
 
 def parse_records(body: bytes) -> List[Run]:
-    """Return the runs of records in a DATA frame's body (a worker's parser).
+    """Return the runs in a DATA frame's body (a worker's parser).
 
-    Consecutive records that share metadata form one run. Raises
-    :class:`ProtocolError`, and nothing else, on any malformed input.
+    Raises :class:`ProtocolError`, and nothing else, on any malformed input.
     """
-    unpack_size = SIZE.unpack_from
-    unpack_meta = META.unpack_from
+    unpack_run = RUN.unpack_from
+    unpack = struct.unpack_from
     end = len(body)
     pos = 0
     runs: List[Run] = []
-    datas: Optional[List[bytes]] = None
     while pos < end:
-        if end - pos < 4:
-            raise ProtocolError("truncated record size")
-        (size,) = unpack_size(body, pos)
-        pos += 4
-        if size & SAME_META:
-            if datas is None:
-                raise ProtocolError("the first record of a frame has no metadata")
-            size &= SIZE_MASK
+        if end - pos < 10:
+            raise ProtocolError("truncated run header")
+        n, olen, tolen, nlen, tlen = unpack_run(body, pos)
+        pos += 10
+        o_end = pos + olen
+        to_end = o_end + tolen
+        n_end = to_end + nlen
+        t_end = n_end + tlen
+        sizes_end = t_end + 4 * n
+        if not n or not olen:
+            raise ProtocolError("a run without messages or without an origin")
+        if sizes_end > end:
+            raise ProtocolError("a run's names or sizes run past the end of its frame")
+        try:
+            origin = body[pos:o_end].decode()
+            to = body[o_end:to_end].decode()
+            ns = body[to_end:n_end].decode()
+            topic = body[n_end:t_end].decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("names that are not UTF-8") from None
+        if n == 1:
+            (size,) = unpack("<I", body, t_end)
+            stop = sizes_end + size
+            datas = [body[sizes_end:stop]]
         else:
-            if end - pos < 6:
-                raise ProtocolError("truncated record metadata")
-            olen, tolen, nlen, tlen = unpack_meta(body, pos)
-            pos += 6
-            o_end = pos + olen
-            to_end = o_end + tolen
-            n_end = to_end + nlen
-            t_end = n_end + tlen
-            if t_end > end:
-                raise ProtocolError("record metadata runs past the end of its frame")
-            if not olen:
-                raise ProtocolError("a record without an origin")
-            try:
-                origin = body[pos:o_end].decode()
-                to = body[o_end:to_end].decode()
-                ns = body[to_end:n_end].decode()
-                topic = body[n_end:t_end].decode()
-            except UnicodeDecodeError:
-                raise ProtocolError("record metadata is not UTF-8") from None
-            datas = []
-            runs.append((origin, to, ns, topic, datas))
-            pos = t_end
-        stop = pos + size
+            offsets = list(accumulate(unpack(f"<{n}I", body, t_end), initial=sizes_end))
+            stop = offsets[-1]
+            datas = [body[a:b] for a, b in zip(offsets, islice(offsets, 1, None))]
         if stop > end:
-            raise ProtocolError("record runs past the end of its frame")
-        datas.append(body[pos:stop])
+            raise ProtocolError("a run's data runs past the end of its frame")
+        runs.append((origin, to, ns, topic, datas))
         pos = stop
     return runs
 
 
-#: Bytes a record may add to its data at most: size, metadata and four names at their longest.
-MAX_RECORD_OVERHEAD = SIZE.size + META.size + 255 + 255 + 65_535 + 65_535
+#: Bytes a message may add to its data at most: a run of its own, four names at their longest.
+MAX_RECORD_OVERHEAD = RUN.size + SIZE.size + 255 + 255 + 65_535 + 65_535
 #: A worker closes a DATA frame before its body would pass this size (a lone larger message gets a frame of its own).
 FRAME_TARGET = 256 * 1024
 

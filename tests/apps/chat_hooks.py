@@ -1,9 +1,14 @@
-"""examples.chat with ways to crash a worker from outside: SIGUSR1 raises, SIGUSR2 calls os._exit(1)."""
+"""examples.chat with ways to break a worker from outside.
+
+SIGUSR1 raises, SIGUSR2 calls os._exit(1), SIGPWR writes a malformed frame
+(a valid header, a record size far past its frame) to the pipe to the primary.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import struct
 from typing import Any
 
 from examples import chat
@@ -21,7 +26,18 @@ def _exit(signum: int, frame: Any) -> None:
     os._exit(1)
 
 
+def _garble(signum: int, frame: Any) -> None:
+    from clustersync.relay.link import current_link
+    from clustersync.relay.wire import DATA, HEADER
+
+    link = current_link()
+    assert link is not None
+    body = b"c" + struct.pack("<IBBHH", 1, 1, 0, 0, 1) + b"ot" + struct.pack("<I", 0x7FFFFFF0) + b"data"
+    link._sock.sendall(HEADER.pack(len(body), DATA, 1, link.index, 0xFFFF, 1) + body)
+
+
 def main() -> None:
     signal.signal(signal.SIGUSR1, _raise)
     signal.signal(signal.SIGUSR2, _exit)
+    signal.signal(signal.SIGPWR, _garble)
     chat.main()
