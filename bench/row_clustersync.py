@@ -1,7 +1,7 @@
 """Row ``clustersync``: the package under test, through its public API only.
 
 The process conducting the run becomes the primary (``setup_primary_cluster``) and
-forks the workers with ``primary.fork``; its relay loop runs inside ``primary.join()``.
+forks the workers with ``primary.fork``; the relay runs on its own thread while ``primary.join()`` waits.
 Each worker makes ``Hub(sync=cluster(channel="bench"))``, subscribes a callback to the
 topic of every publisher it expects, waits for ``hub.wait_ready()``, says ready, and
 after the common start publishes with plain ``hub.publish(topic, bytes)`` (no flush

@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from ._log import RateLimitedLog, logger
 from .codec import TAG_BYTES, TAG_STR, TAG_VALUE, Codec, Deserializer, Serializer
@@ -95,7 +95,7 @@ class Hub:
         self._unreachable = 0
         self._sync_live = False
         self._driver: Optional[SyncDriver] = None
-        self._caps: frozenset = frozenset()
+        self._caps: FrozenSet[str] = frozenset()
         self._publish_parts: Optional[Callable[..., Any]] = None
         self._has_sync = sync is not None
         if sync is not None:

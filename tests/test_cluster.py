@@ -440,3 +440,29 @@ def test_importing_clustersync_for_broadcast_channel_loads_no_relay_module() -> 
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=os.getcwd())
     assert proc.stdout.strip() == "[] False", proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_primary_is_closed_at_interpreter_exit(tmp_path: Any) -> None:
+    """A script that never joins or closes: at exit its workers are stopped gracefully, none is left."""
+    script = tmp_path / "primary.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing, sys
+            sys.path.insert(0, {os.getcwd()!r})
+            from clustersync import setup_primary_cluster
+            from tests import workers
+            if __name__ == "__main__":
+                primary = setup_primary_cluster(start_method="fork")
+                q = multiprocessing.get_context("fork").SimpleQueue()
+                primary.fork(workers.sleeper, q)
+                primary.fork(workers.sleeper, q)
+                print(q.get(), q.get(), flush=True)
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40)
+    pids = [int(x) for x in proc.stdout.split()]
+    assert proc.returncode == 0 and len(pids) == 2, proc.stdout + proc.stderr
+    assert not any(_alive(pid) for pid in pids)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.util  # noqa: F401  its exit handler (join every child) must run after ours
 import os
 import signal
 import socket

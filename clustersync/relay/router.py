@@ -11,6 +11,7 @@ reported to ``on_broken`` and never heard again. Payloads are never decoded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import selectors
 import socket
@@ -44,6 +45,10 @@ IOV_MAX = 512
 _ratelimited = RateLimitedLog()
 
 
+def _unset(mask: int) -> None:
+    raise RuntimeError("a peer's socket is ready before the router added it")
+
+
 class Peer:
     """One connection to the router: its socket, buffers, channels and counters."""
 
@@ -67,6 +72,8 @@ class Peer:
         self.dropped_frames = 0
         self.malformed = 0
         self.last_seen = time.monotonic()
+        #: The loop's handler for this peer's socket (set by :meth:`Router.add`).
+        self.on_ready: Callable[[int], Any] = _unset
 
     @property
     def pid(self) -> int:
@@ -125,8 +132,9 @@ class Router:
     def add(self, peer: Peer) -> None:
         """Start reading from ``peer``."""
         peer.sock.setblocking(False)
+        peer.on_ready = functools.partial(self._ready, peer)
         self.peers[peer.index] = peer
-        self.loop.register(peer.sock, lambda mask, p=peer: self._ready(p, mask))
+        self.loop.register(peer.sock, peer.on_ready)
 
     def _ready(self, peer: Peer, mask: int) -> None:
         if mask & selectors.EVENT_READ:
@@ -364,7 +372,7 @@ class Router:
         if want != w.want_write:
             w.want_write = want
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            self.loop.modify(w.sock, events, lambda mask, p=w: self._ready(p, mask))
+            self.loop.modify(w.sock, events, w.on_ready)
 
     def channels(self) -> Dict[str, int]:
         """Channel name -> number of workers on it."""

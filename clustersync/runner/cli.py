@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-method",
         type=_choice(START_METHODS),
         metavar="{" + ",".join(START_METHODS) + "}",
-        help="how workers start (default: multiprocessing's default for this platform)",
+        help="how workers start (default: fork; the primary is single-threaded)",
     )
     run.add_argument(
         "--log-level",
