@@ -17,7 +17,7 @@ from clustersync.relay.primary import Primary
 
 from . import workers
 from .conftest import wait_for
-from .test_cluster import check_exchange
+from .relay_helpers import check_exchange
 
 
 def _drain_queue(q: Any, out: List[Any]) -> None:
