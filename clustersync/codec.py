@@ -4,6 +4,10 @@ Every value a hub publishes travels as ``bytes``: one tag byte, then the
 payload. ``str`` stays ``str``, ``bytes`` stays ``bytes``, anything else goes
 through the hub's serializer (JSON by default) and back through its
 deserializer. Drivers only ever move these opaque bytes.
+
+The default JSON step refuses, with a ``TypeError`` naming the value, what
+it would not give back equal (a tuple would come back a list, a dict key
+``1`` the str ``"1"``), so that local and remote subscribers see equal values.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ Serializer = Callable[[Any], "bytes | str"]
 Deserializer = Callable[[bytes], Any]
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _json_dumps(value: Any) -> bytes:
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -33,7 +40,48 @@ def _json_dumps(value: Any) -> bytes:
             f"cannot encode a value of type {type(value).__name__}: publish str, bytes "
             f"or a JSON value, or give the Hub a serializer ({exc})"
         ) from None
-    return text.encode("utf-8")
+    except RecursionError:
+        raise ValueError("the value is nested too deeply to encode as JSON") from None
+    if type(value) not in _SCALARS:
+        _refuse_what_json_changes(value)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the value holds a str that is not valid Unicode text: {exc}") from None
+
+
+def _refuse_what_json_changes(value: Any) -> None:
+    """Raise ``TypeError`` for what JSON would not give back equal: tuples, and dict keys that are not str.
+
+    Runs after ``json.dumps`` succeeded, so the value has no cycle and its
+    size is bounded by the encoded text.
+    """
+    stack = [value]
+    pop = stack.pop
+    push = stack.extend
+    while stack:
+        v = pop()
+        kind = type(v)
+        if kind is dict or isinstance(v, dict):
+            for key in v:
+                if type(key) is not str:
+                    raise TypeError(
+                        f"dict key {key!r} ({type(key).__name__}) would arrive as a str: JSON keys are "
+                        "str; use str keys or give the Hub a serializer that keeps them"
+                    )
+            push(v.values())
+        elif kind is list:
+            push(v)
+        elif kind is tuple or isinstance(v, (tuple, list)):
+            raise TypeError(
+                f"{kind.__name__} {_short(v)} would arrive as a list: publish a list, or give the "
+                "Hub a serializer that keeps it"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _json_loads(payload: bytes) -> Any:

@@ -162,8 +162,8 @@ class Hub:
             if len(data) >= self.max_message:
                 self._too_big(len(data) + 1)
             wire = _B + data if driver is not None else b""
-        elif kind is str and driver is None and len(data) * 4 < self.max_message:
-            wire = b""  # local only: nothing to encode
+        elif kind is str and driver is None and len(data) * 4 < self.max_message and data.isascii():
+            wire = b""  # local only, and valid on any backplane: nothing to encode
         else:
             wire = self._codec.encode(data)
             if len(wire) > self.max_message:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
+import threading
+from threading import get_ident
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ._log import RateLimitedLog
 from .message import BoundedQueue, Message
@@ -36,7 +38,7 @@ class Subscription:
     for :meth:`get`, ``for msg in sub`` or ``async for msg in sub``.
     """
 
-    __slots__ = ("hub", "topic", "callback", "maxsize", "_queue", "_closed", "_waiters")
+    __slots__ = ("hub", "topic", "callback", "maxsize", "_queue", "_closed", "_waiters", "_gate", "_running")
 
     def __init__(self, hub: "Hub", topic: str, callback: Optional[Callback], maxsize: int) -> None:
         self.hub = hub
@@ -46,6 +48,10 @@ class Subscription:
         self._queue: BoundedQueue[Message] = BoundedQueue(maxsize, self._overflow)
         self._closed = False
         self._waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
+        # Callbacks: the threads delivering right now (ident -> depth), so that unsubscribe()
+        # can wait until no delivery that passed the closed check is still to start.
+        self._gate = threading.Condition(threading.Lock())
+        self._running: Dict[int, int] = {}
 
     @property
     def closed(self) -> bool:
@@ -64,37 +70,44 @@ class Subscription:
     # -- delivery (called by the hub) -------------------------------------
 
     def _deliver(self, msg: Message) -> None:
-        callback = self.callback
-        if callback is not None:
-            if self._closed:
-                return
-            hub = self.hub
-            try:
-                callback(msg)
-            except Exception as exc:
-                hub._report(exc, "delivery")
-            else:
-                hub._delivered += 1
-            return
-        self._enqueue((msg,))
+        if self.callback is None:
+            self._enqueue((msg,))
+        else:
+            self._deliver_many((msg,))
 
     def _deliver_many(self, msgs: Sequence[Message]) -> None:
         callback = self.callback
         if callback is None:
             self._enqueue(msgs)
             return
+        gate = self._gate
+        me = get_ident()
+        with gate:
+            if self._closed:
+                return
+            running = self._running
+            running[me] = running.get(me, 0) + 1
         hub = self.hub
         delivered = 0
-        for msg in msgs:
-            if self._closed:
-                break
-            try:
-                callback(msg)
-            except Exception as exc:
-                hub._report(exc, "delivery")
-            else:
-                delivered += 1
-        hub._delivered += delivered
+        try:
+            for msg in msgs:
+                if self._closed:  # unsubscribe() waits for us: nothing starts after it returns
+                    break
+                try:
+                    callback(msg)
+                except Exception as exc:
+                    hub._report(exc, "delivery")
+                else:
+                    delivered += 1
+        finally:
+            hub._delivered += delivered
+            with gate:
+                depth = running[me] - 1
+                if depth:
+                    running[me] = depth
+                else:
+                    del running[me]
+                    gate.notify_all()
 
     def _enqueue(self, msgs: Sequence[Message]) -> None:
         queue = self._queue
@@ -186,7 +199,9 @@ class Subscription:
     def unsubscribe(self) -> None:
         """Stop receiving: no callback of this subscription starts after this returns.
 
-        Queued messages can still be read; safe to call twice.
+        Waits for callbacks in progress on other threads to return (a
+        callback may unsubscribe its own subscription). Queued messages can
+        still be read; safe to call twice.
         """
         if self._closed:
             return
@@ -194,7 +209,11 @@ class Subscription:
         self._close()
 
     def _close(self) -> None:
-        self._closed = True
+        gate = self._gate
+        me = get_ident()
+        with gate:
+            self._closed = True
+            gate.wait_for(lambda: all(t == me for t in self._running))
         queue = self._queue
         queue.close()
         with queue.cond:

@@ -11,6 +11,7 @@ import pytest
 
 from clustersync import Address, Hub, Message, Subscription, SubscriptionClosed
 from clustersync.codec import Codec
+from clustersync.sync import broadcast_channel
 
 from .conftest import wait_for
 
@@ -301,3 +302,129 @@ def test_a_remote_batch_reaches_subscribers_message_by_message() -> None:
     hub._on_remote_batch("", "t", OTHER, [b"s1", b"s2", b"?bad", b"s3"])
     assert order == ["a1", "b1", "a2", "b2", "a3", "b3"]
     assert hub.stats()["errors"] == 1 and hub.stats()["received"] == 4
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ({1: "a"}, "dict key 1"),
+        ({1: "x", "1": "y"}, "dict key 1"),
+        ({"a": [{"b": {2: 3}}]}, "dict key 2"),
+        ((1, 2), r"tuple \(1, 2\)"),
+        ({"a": (1,)}, "tuple"),
+    ],
+)
+def test_json_refuses_what_it_would_change(value: Any, match: str) -> None:
+    """Local and remote subscribers see equal values: what JSON would change is refused at once."""
+    for hub in (Hub(), Hub(sync=broadcast_channel(channel="values"))):
+        got: List[Any] = []
+        hub.subscribe("t", lambda m: got.append(m.data))
+        with pytest.raises(TypeError, match=match):
+            hub.publish("t", value)
+        assert got == [] and hub.stats()["published"] == 0
+        hub.close()
+
+
+def test_a_serializer_that_keeps_tuples_and_int_keys_is_used_as_it_is() -> None:
+    import pickle
+
+    hub = Hub(serializer=pickle.dumps, deserializer=pickle.loads)
+    value = {1: (2, 3)}
+    assert hub._codec.decode(hub._codec.encode(value)) == value
+
+
+@pytest.mark.parametrize("bad", ["\udcff", {"k": "\ud800"}, ["\udfff"]])
+def test_text_that_is_not_unicode_is_refused_alike_by_local_and_backplane_hubs(bad: Any) -> None:
+    for hub in (Hub(), Hub(sync=broadcast_channel(channel="surrogates"))):
+        with pytest.raises(ValueError, match="Unicode"):
+            hub.publish("t", bad)
+        hub.close()
+
+
+def test_too_deep_a_value_is_a_value_error() -> None:
+    deep: List[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        Hub().publish("t", deep)
+
+
+def test_names_over_the_limit_raise_at_once() -> None:
+    hub = Hub(sync=broadcast_channel(channel="names"))
+    with pytest.raises(ValueError, match="65535"):
+        hub.publish("x" * 65_536, "data")
+    with pytest.raises(ValueError, match="65535"):
+        hub.publish("t", "data", namespace="é" * 40_000)
+    with pytest.raises(ValueError, match="Unicode"):
+        hub.publish("\udcff", "data")
+    with pytest.raises(ValueError, match="65535"):
+        Hub(namespace="n" * 65_536)
+    assert hub.stats()["errors"] == 0
+    hub.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["unsubscribe", "close"])
+def test_no_callback_starts_after_unsubscribe_returns(how: str) -> None:
+    """8 threads publish (4 locally, 4 through a second hub) while the subscription is closed mid-batch."""
+    hub = Hub(sync=broadcast_channel(channel=f"late-{how}"))
+    other = Hub(sync=broadcast_channel(channel=f"late-{how}"))
+    gate = threading.Event()
+    returned = threading.Event()
+    started = [0]
+    late = [0]
+
+    def callback(msg: Message) -> None:
+        if returned.is_set():
+            late[0] += 1
+        started[0] += 1
+        gate.wait(20)  # the first calls hold the delivery thread: a large remote batch piles up
+        sum(range(2000))
+
+    sub = hub.subscribe("t", callback)
+    stop = threading.Event()
+
+    def publish(h: Hub) -> None:
+        while not stop.is_set():
+            try:
+                h.publish("t", "x")
+            except RuntimeError:  # the hub closed
+                return
+
+    threads = [threading.Thread(target=publish, args=(hub if i % 2 else other,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(hub._driver._queue) >= 5000, timeout=20)  # type: ignore[union-attr]
+        gate.set()
+        mark = started[0]
+        wait_for(lambda: started[0] > mark + 20, timeout=20)  # a large batch is being delivered
+        if how == "close":
+            hub.close()
+        else:
+            sub.unsubscribe()
+        returned.set()
+        published = other.stats()["published"]
+        wait_for(lambda: other.stats()["published"] > published + 5000, timeout=20)
+    finally:
+        gate.set()
+        stop.set()
+        for t in threads:
+            t.join(10)
+        hub.close()
+        other.close()
+    assert late[0] == 0
+
+
+def test_a_callback_may_unsubscribe_itself() -> None:
+    hub = Hub()
+    got: List[Any] = []
+
+    def once(msg: Message) -> None:
+        got.append(msg.data)
+        sub.unsubscribe()
+
+    sub = hub.subscribe("t", once)
+    hub.publish("t", 1)
+    hub.publish("t", 2)
+    assert got == [1] and sub.closed
