@@ -11,25 +11,46 @@ logger = logging.getLogger("clustersync")
 
 
 class RateLimitedLog:
-    """Log at most one line per ``interval`` seconds per key, counting what it held back."""
+    """Log at most one line per ``interval`` seconds per key, counting what it held back.
 
-    def __init__(self, interval: float = 1.0) -> None:
+    It remembers at most ``max_keys`` keys: past that, keys whose interval
+    has passed are forgotten (and, if all are recent, the oldest half), so
+    short-lived keys cannot grow it without bound.
+    """
+
+    def __init__(self, interval: float = 1.0, max_keys: int = 1024) -> None:
         self.interval = interval
+        self.max_keys = max_keys
         self._lock = threading.Lock()
         self._state: Dict[object, Tuple[float, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._state)
 
     def __call__(self, key: object, level: int, msg: str, *args: object, exc_info: Any = None) -> None:
         now = time.monotonic()
         with self._lock:
-            last, held = self._state.get(key, (0.0, 0))
+            state = self._state
+            last, held = state.get(key, (0.0, 0))
             if now - last < self.interval:
-                self._state[key] = (last, held + 1)
+                state[key] = (last, held + 1)
                 return
-            self._state[key] = (now, 0)
+            if key not in state and len(state) >= self.max_keys:
+                self._forget(now)
+            state[key] = (now, 0)
         if held:
             msg += " (%d similar lines held back)"
             args = args + (held,)
         logger.log(level, msg, *args, exc_info=exc_info)
+
+    def _forget(self, now: float) -> None:
+        """With the lock held: drop the keys whose interval has passed, or else the oldest half."""
+        state = self._state
+        stale = [k for k, (last, _) in state.items() if now - last >= self.interval]
+        if not stale:
+            stale = list(state)[: len(state) // 2]
+        for k in stale:
+            del state[k]
 
 
 class _Tag(logging.Filter):

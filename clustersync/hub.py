@@ -280,7 +280,7 @@ class Hub:
             except Exception:
                 logger.exception("on_error raised while handling a %s error", stage)
         _ratelimited(
-            ("hub", self.id, stage, type(exc)),
+            (stage, type(exc)),  # one budget for all hubs: a key per hub would grow with the hubs
             logging.ERROR,
             "hub %s: %s error: %s",
             self.id,

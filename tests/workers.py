@@ -365,3 +365,55 @@ def addressed(results: Any, barrier: Any) -> None:
     barrier.wait(20)
     for hub in hubs.values():
         hub.close()
+
+
+def many_hubs(results: Any, count: int) -> None:
+    """Make and close ``count`` hubs, each on a channel of its own and each reporting an error once."""
+    import resource
+
+    import clustersync.hub as hub_module
+    from clustersync.relay.link import current_link
+
+    link = current_link()
+
+    def state() -> Tuple[int, ...]:
+        return (len(link._members), len(link._acks), len(hub_module._ratelimited))
+
+    def boom(msg: Message) -> None:
+        raise RuntimeError("a subscriber that fails")
+
+    before = state()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(count):
+        hub = Hub(sync=cluster(channel=f"c{i}"))
+        hub.subscribe("t", boom)
+        hub.publish("t", "x")  # the subscriber raises: a rate-limited log line keyed for this error
+        hub.close()
+    link.flush(10)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results.put((current_worker().index, before, state(), rss_after - rss_before))
+
+
+def ack_flood(results: Any, go: Any, stop: Any, count: int) -> None:
+    """Worker 0's reader is stuck in a callback while it makes and closes ``count`` hubs; worker 1 floods it."""
+    import threading
+
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="flood"))
+    stuck = threading.Event()
+    if me == 0:
+        hub.subscribe("t", lambda m: stuck.wait())
+    assert hub.wait_ready(10)
+    results.put(("ready", me))
+    assert go.wait(20)
+    if me == 0:
+        for _ in range(count):
+            Hub(sync=cluster(channel="acks")).close()
+        results.put(("done", me))
+        while not stop.is_set():
+            stop.wait(0.5)
+    else:
+        data = b"x" * 4096
+        while not stop.is_set():
+            hub.publish("t", data)
+    os._exit(0)  # worker 0's reader thread is stuck on purpose: do not wait for it

@@ -116,8 +116,8 @@ class WorkerLink:
         self._closing = False
         self._closed = False
         self._members: Dict[bytes, Tuple[Member, ...]] = {}
-        self._subs_sent: Dict[bytes, int] = {}
-        self._acks: Dict[bytes, int] = {}
+        self._sub_seq = 0  # numbers every SUB this link sends; the primary's ACK carries it back
+        self._acks: Dict[bytes, int] = {}  # channel -> the highest SUB number acknowledged, while it has members
         self._last_publish = 0.0
         self._writing = False
         self.frames_out = 0
@@ -149,9 +149,12 @@ class WorkerLink:
         member = (hub_id.decode(), deliver, on_unreachable)
         with self._cond:
             self._members[channel] = self._members.get(channel, ()) + (member,)
-            seq = self._subs_sent.get(channel, 0) + 1
-            self._subs_sent[channel] = seq
-        self._control(SUB, channel)
+            self._sub_seq += 1
+            seq = self._sub_seq
+            if not self._closed:  # queued under the same lock: SUBs leave in the order of their numbers
+                self._runs.append([SUB, channel, BROADCAST, b"", seq])
+                if self._writer_waiting:
+                    self._cond.notify_all()
         return seq
 
     def remove_member(self, channel: bytes, hub_id: bytes) -> None:
@@ -163,6 +166,7 @@ class WorkerLink:
                 self._members[channel] = members
             else:
                 self._members.pop(channel, None)
+                self._acks.pop(channel, None)
         if not self._closed:
             self._control(UNSUB, channel)
 
@@ -394,8 +398,9 @@ class WorkerLink:
                 self._dispatch(channel, members, origin, parse_records(body))
         elif kind == ACK:
             with self._cond:
-                self._acks[channel] = self._acks.get(channel, 0) + 1
-                self._cond.notify_all()
+                if channel in self._members:  # an ACK for a channel we have left is stale
+                    self._acks[channel] = max(self._acks.get(channel, 0), count)
+                    self._cond.notify_all()
         elif kind == PING:
             self._control(PONG, b"", count)
         elif kind == STOP:

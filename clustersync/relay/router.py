@@ -62,6 +62,8 @@ class Peer:
         self.want_write = False
         self.dirty = False
         self.channels: Dict[bytes, int] = {}
+        #: ACKs not yet queued, one per channel (the latest SUB's number): bounded by the channels.
+        self.acks: Dict[bytes, int] = {}
         self.frames_in = 0
         self.frames_out = 0
         self.messages_in = 0
@@ -161,6 +163,7 @@ class Router:
                 if not subs:
                     del self.routes[chan]
         peer.channels.clear()
+        peer.acks.clear()
         peer.out.clear()
         peer.out_bytes = 0
         peer.inbuf = bytearray()
@@ -255,6 +258,8 @@ class Router:
     def _unroutable(self, w: Peer, chan: bytes, dest: int, count: int, buf: Any, start: int) -> None:
         """Addressed messages for a worker that is not on the channel: tell the publishing hub."""
         self.unroutable += count
+        if w.out_bytes >= self.max_buffer:
+            return  # the publisher does not read: the report is dropped (the count above stays)
         olen = RUN.unpack_from(buf, start)[1]  # checked: the first run names its origin
         origin = bytes(buf[start + RUN.size : start + RUN.size + olen])
         self.enqueue_control(w, pack_frame(UNREACHABLE, chan, dest, w.index, origin + b"\0", count))
@@ -263,7 +268,10 @@ class Router:
         if kind == SUB:
             w.channels[chan] = w.channels.get(chan, 0) + 1
             self.routes.setdefault(chan, {})[w] = w.channels[chan]
-            self.enqueue_control(w, pack_frame(ACK, chan, 0xFFFF, w.index))
+            w.acks[chan] = max(w.acks.get(chan, 0), count)  # coalesced: one entry per channel at most
+            if not w.dirty:
+                w.dirty = True
+                self._dirty.append(w)
         elif kind == UNSUB:
             left = w.channels.get(chan, 0) - 1
             if left > 0:
@@ -271,6 +279,7 @@ class Router:
                 self.routes[chan][w] = left
             elif chan in w.channels:
                 del w.channels[chan]
+                w.acks.pop(chan, None)
                 subs = self.routes.get(chan)
                 if subs is not None:
                     subs.pop(w, None)
@@ -279,7 +288,7 @@ class Router:
         elif kind == UNREACHABLE:
             # A worker found no hub for an addressed message: tell the worker that published it.
             t = self.peers.get(dest)
-            if t is not None and t is not w:
+            if t is not None and t is not w and t.out_bytes < self.max_buffer:  # a report: dropped when full
                 self.enqueue_control(t, pack_frame(UNREACHABLE, chan, w.index, dest, bytes(body), count))
         else:
             self.on_control(w, kind, chan, count)
@@ -344,6 +353,12 @@ class Router:
     def flush(self, w: Peer) -> None:
         """Write as much of ``w``'s output as its socket takes, without blocking."""
         out = w.out
+        if w.acks and w.out_bytes < self.max_buffer:
+            for chan, seq in w.acks.items():
+                frame = pack_frame(ACK, chan, 0xFFFF, w.index, count=seq)
+                out.append(frame)
+                w.out_bytes += len(frame)
+            w.acks.clear()
         while out:
             chunk = out if len(out) <= IOV_MAX else out[:IOV_MAX]
             try:

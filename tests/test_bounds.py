@@ -1,0 +1,75 @@
+"""State that must stay bounded whatever the workers do: the primary's buffers, loggers, link tables."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import resource
+import time
+from typing import Any, Dict, List
+
+import pytest
+
+from clustersync.relay.primary import Primary
+
+from . import workers
+
+
+def _collect(results: Any, kind: str, want: int, timeout: float) -> List[Any]:
+    items: List[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(items) < want:
+        try:
+            item = results.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"waited for {want} {kind!r}, got {items}") from None
+        assert item[0] == kind, item
+        items.append(item)
+    return items
+
+
+@pytest.mark.timeout(120)
+def test_logger_and_link_state_stay_flat_over_100k_hubs() -> None:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    primary = Primary(start_method="fork", workers=1)
+    try:
+        primary.fork(workers.many_hubs, results, 100_000)
+        _, before, after, rss_growth_kib = results.get(timeout=100)
+        assert primary.join(20)
+        channels_left = primary.stats()["channels"]
+    finally:
+        primary.close(timeout=5)
+        results.close()
+    members, acks, log_keys = after
+    assert (members, acks) == before[:2] == (0, 0)  # nothing kept per channel once its hubs are gone
+    assert log_keys <= 1024  # the rate limiter's bound, not one key per hub
+    assert rss_growth_kib < 20 * 1024, rss_growth_kib
+    assert channels_left == {}  # nor in the primary
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_does_not_read_costs_the_primary_its_bound_even_under_an_ack_flood() -> None:
+    """Control frames count too: a stuck worker's SUB/UNSUB churn is answered with coalesced ACKs."""
+    max_buffer = 1024 * 1024
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    go, stop = ctx.Event(), ctx.Event()
+    primary = Primary(start_method="fork", workers=2, max_buffer=max_buffer)
+    try:
+        primary.fork(workers.ack_flood, results, go, stop, 300_000)
+        primary.fork(workers.ack_flood, results, go, stop, 300_000)
+        _collect(results, "ready", 2, 20)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        go.set()
+        _collect(results, "done", 1, 100)
+        snapshot = primary.stats()
+        rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+        stats: Dict[int, Any] = {w["index"]: w for w in snapshot["workers"]}
+        assert stats[0]["buffered"] <= max_buffer + 64 * 1024, stats[0]
+        assert stats[0]["dropped"] > 0  # the flood for it was dropped and counted, not queued
+        assert rss_growth <= max_buffer + 16 * 1024 * 1024, rss_growth
+    finally:
+        stop.set()
+        primary.close(timeout=2)
+        results.close()
