@@ -50,8 +50,9 @@ class Hub:
     stage ``"subscribe"``, ``"publish"`` or ``"delivery"``; without it they
     are logged. ``serializer``/``deserializer`` replace JSON for values that
     are neither ``str`` nor ``bytes``. ``max_message`` bounds one encoded
-    message (``ValueError`` in ``publish`` above it); ``queue_size`` bounds
-    each queue subscription.
+    message (``ValueError`` in ``publish`` above it), lowered to the
+    backplane's own limit when it has one; ``queue_size`` bounds each queue
+    subscription.
     """
 
     def __init__(
@@ -115,6 +116,9 @@ class Hub:
                     driver.subscribe(self._on_remote, self._on_unreachable)
                 if "parts" in self._caps:
                     self._publish_parts = driver.publish_parts  # type: ignore[attr-defined]
+                if "limit" in self._caps:
+                    # One limit: what this hub accepts, the backplane carries.
+                    self.max_message = min(self.max_message, driver.max_message)  # type: ignore[attr-defined]
                 self._sync_live = True
             except Exception as exc:
                 self._report(exc, "subscribe")

@@ -13,6 +13,7 @@ import pytest
 from clustersync.relay.primary import Primary
 
 from . import workers
+from .relay_helpers import run_workers
 
 
 def _collect(results: Any, kind: str, want: int, timeout: float) -> List[Any]:
@@ -73,3 +74,24 @@ def test_a_worker_that_does_not_read_costs_the_primary_its_bound_even_under_an_a
         stop.set()
         primary.close(timeout=2)
         results.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("relay_limit", [1024 * 1024, 8 * 1024 * 1024])
+def test_a_message_the_hub_accepts_always_travels(relay_limit: int) -> None:
+    """One limit for the hub, the link and the relay: at the limit it travels, past it ValueError; nobody is killed."""
+    out = run_workers(workers.limits, 2, relay_limit, max_message=relay_limit)
+    _, outcome, _, errors = out[0]
+    assert outcome[:2] == [relay_limit, relay_limit]  # both hubs took the relay's limit
+    assert outcome[2:] == [
+        ("sent", relay_limit - 1),
+        ("refused", relay_limit, True),
+        ("refused", 10 * 1024 * 1024, True),
+    ]
+    assert errors == 0
+    _, _, got, errors = out[1]
+    # Each message reaches both hubs of worker 1 (each hub subscribes once per topic).
+    assert got.count(("t", relay_limit - 1)) == 2  # at the limit (with its tag byte)
+    assert got.count(("long", relay_limit - 1)) == 2  # with a 64 KiB topic, behind a pending message
+    assert got.count(("t", 1)) == 2 and got.count(("t", 3)) == 2 and errors == 0
+    assert out["stats"]["malformed"] == 0  # and run_workers checked that every worker exited 0

@@ -417,3 +417,34 @@ def ack_flood(results: Any, go: Any, stop: Any, count: int) -> None:
         while not stop.is_set():
             hub.publish("t", data)
     os._exit(0)  # worker 0's reader thread is stuck on purpose: do not wait for it
+
+
+def limits(results: Any, barrier: Any, relay_limit: int) -> None:
+    """Worker 0 publishes at the limits; worker 1 reports the sizes it received."""
+    me = current_worker().index
+    got: List[Tuple[str, int]] = []
+    small = Hub(sync=cluster(channel="lim"))  # the default max_message (8 MiB)
+    big = Hub(sync=cluster(channel="lim"), max_message=64 * 1024 * 1024)
+    for hub in (small, big):
+        hub.subscribe("t", lambda m: got.append(("t", len(m.data))))
+        hub.subscribe("x" * 65_535, lambda m: got.append(("long", len(m.data))))
+        assert hub.wait_ready(10)
+    barrier.wait(20)
+    outcome: List[Any] = [small.max_message, big.max_message]
+    if me == 0:
+        for hub, size in ((small, relay_limit - 1), (small, relay_limit), (big, 10 * 1024 * 1024)):
+            try:
+                hub.publish("t", b"\0" * size)  # bytes: one tag byte more on the wire
+                outcome.append(("sent", size))
+            except ValueError as exc:
+                outcome.append(("refused", size, "max_message" in str(exc)))
+        # A message at the limit, with the longest topic, right behind a pending one.
+        small.publish("t", b"a")
+        small.publish("x" * 65_535, b"\1" * (relay_limit - 1))
+        small.publish("t", "end")
+    else:
+        _wait(lambda: got.count(("t", 3)) >= 2, 30)  # "end", at both hubs
+    barrier.wait(30)
+    results.put((me, outcome, got, small.stats()["errors"] + big.stats()["errors"]))
+    small.close()
+    big.close()

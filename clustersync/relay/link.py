@@ -179,13 +179,6 @@ class WorkerLink:
 
     # -- writing -----------------------------------------------------------
 
-    def check_size(self, channel: bytes, origin: bytes, ns: bytes, topic: bytes, size: int) -> None:
-        """Raise ``ValueError`` if the relay would refuse a message of ``size`` bytes."""
-        if size > self.max_message:
-            raise ValueError(
-                f"message of {size} bytes is over the relay's max_message ({self.max_message} bytes)"
-            )
-
     def publish(
         self, channel: bytes, dest: int, to: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes
     ) -> None:
@@ -199,8 +192,8 @@ class WorkerLink:
         dropped and counted).
         """
         size = len(data)
-        if size > self.max_message:
-            self.check_size(channel, origin, ns, topic, size)
+        if size > self.max_message:  # the hub never sends one (its limit is ours): a last guard
+            raise ValueError(f"message of {size} bytes is over the relay's max_message ({self.max_message} bytes)")
         with self._lock:  # the Condition's own lock: entered without a Python-level call
             if self._closed:
                 raise RuntimeError("the connection to the primary is closed")

@@ -10,7 +10,11 @@ set and never probes with ``hasattr``:
 - ``"parts"``: :class:`PartsPublisher`, ``publish_parts(namespace, topic, data, to)``
   takes the encoded parts without a ``Message`` (the hub's fast path);
 - ``"ready"``: :class:`Readiness`, ``wait_ready(timeout) -> bool``;
-- ``"stats"``: :class:`Stats`, ``stats() -> dict``.
+- ``"stats"``: :class:`Stats`, ``stats() -> dict``;
+- ``"limit"``: :class:`Limit`, ``max_message``: the largest encoded message
+  the backplane carries. The hub's own limit is lowered to it, so a message
+  the hub accepts always travels, and one it would not carry raises
+  ``ValueError`` in ``publish``.
 
 Every driver honours ``to=``: ``publish(msg, to)`` with ``to`` an
 :class:`Address` (one hub) or an ``int`` (every hub on the channel in that
@@ -38,6 +42,7 @@ __all__ = [
     "PartsPublisher",
     "Readiness",
     "Stats",
+    "Limit",
     "CAPABILITIES",
     "ClusterTransport",
     "cluster_transport",
@@ -53,7 +58,7 @@ DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "parts", "ready", "stats"})
+CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
@@ -119,6 +124,13 @@ class Stats(Protocol):
         """Counters, shown in ``Hub.stats()["driver"]``."""
 
 
+class Limit(Protocol):
+    """Capability ``"limit"``."""
+
+    #: The largest encoded message (tag byte and payload) the backplane carries.
+    max_message: int
+
+
 #: A driver factory: called once per hub with the hub's address, returns a driver.
 DriverFactory = Callable[[Address], SyncDriver]
 
@@ -132,6 +144,8 @@ class ClusterTransport(Protocol):
 
     index: int
     pid: int
+    #: The relay's limit on one encoded message.
+    max_message: int
 
     def add_member(
         self, channel: bytes, hub_id: bytes, deliver: DeliverBatch, on_unreachable: Optional[OnUnreachable]
@@ -146,9 +160,6 @@ class ClusterTransport(Protocol):
 
     def publish(self, channel: bytes, dest: int, to_hub: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes) -> None:
         """Queue one encoded message."""
-
-    def check_size(self, channel: bytes, origin: bytes, ns: bytes, topic: bytes, size: int) -> None:
-        """Raise ``ValueError`` if a message of this shape could not travel."""
 
     def stats(self) -> Dict[str, Any]:
         """The transport's counters."""

@@ -39,7 +39,7 @@ _NOT_A_WORKER = (
 class ClusterDriver:
     """One hub's membership of a channel on the primary's relay."""
 
-    capabilities: FrozenSet[str] = frozenset({"batch", "parts", "ready", "stats"})
+    capabilities: FrozenSet[str] = frozenset({"batch", "parts", "ready", "stats", "limit"})
 
     def __init__(self, address: Address, channel: str) -> None:
         self.address = address
@@ -61,6 +61,12 @@ class ClusterDriver:
             raise RuntimeError(_NOT_A_WORKER)
         self._seq = link.add_member(self._chan, self._hid, deliver_batch, on_unreachable)
         self._link = link
+
+    @property
+    def max_message(self) -> int:
+        """The relay's limit on one encoded message (0 outside a worker: nothing travels)."""
+        link = self._link
+        return link.max_message if link is not None else 0
 
     def _names(self, name: str) -> bytes:
         """The UTF-8 bytes of a name, one shared object per name (the link shares metadata on identity)."""
