@@ -144,9 +144,9 @@ def test_primary_rejects_bad_options() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("target", ["sleeper", "busy"])
+@pytest.mark.parametrize("target", ["sleeper", "busy", "spin"])
 def test_worker_exits_when_the_primary_dies(tmp_path: Any, target: str) -> None:
-    """SIGKILL the primary, idle or under heavy traffic: every worker sees its pipe close and exits within 2 s."""
+    """SIGKILL the primary, idle, under heavy traffic or holding the GIL in a C call: every worker exits within 2 s."""
     script = tmp_path / "primary.py"
     script.write_text(
         textwrap.dedent(

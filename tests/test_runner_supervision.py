@@ -235,3 +235,29 @@ def test_a_worker_that_sends_a_malformed_frame_is_replaced_and_nobody_else_notic
                 sse.close()
         os.kill(run.pid, signal.SIGKILL)
         wait_gone(list(pids.values()), 2.5)
+
+
+@pytest.mark.timeout(60)
+def test_a_crashed_worker_whose_child_holds_its_pipes_is_replaced_and_the_child_stopped(tmp_path: Path) -> None:
+    """The child of a worker keeps copies of its pipes and listening socket: the crash is seen anyway."""
+    child_file = tmp_path / "child"
+    try:
+        with Run("tests.apps.chat_hooks:main", "-w", "2", "--bind", "127.0.0.1:0",
+                 env={"CHAT_HOOKS_CHILD_FILE": str(child_file)}) as run:
+            port = run.port()
+            pids = run.ready(2)
+            mark = len(run.lines)
+            os.kill(pids[1], signal.SIGWINCH)
+            run.wait_line(rf"worker 1 \(pid {pids[1]}\) exited with status 1; restarting it", after=mark, timeout=5)
+            wait_gone([int(child_file.read_text())], 5)  # stopped with its worker's process group
+            pids = pids | run.ready(1, after=mark)
+            run.signal(signal.SIGTERM)
+            assert run.wait() == 0, run.log
+            assert "did not die" not in run.log
+        assert free_to_bind(port)
+    finally:
+        if child_file.exists():  # even when the test fails, the child does not outlive it
+            try:
+                os.kill(int(child_file.read_text()), signal.SIGKILL)
+            except OSError:
+                pass

@@ -448,3 +448,11 @@ def limits(results: Any, barrier: Any, relay_limit: int) -> None:
     results.put((me, outcome, got, small.stats()["errors"] + big.stats()["errors"]))
     small.close()
     big.close()
+
+
+def spin(results: Any) -> None:
+    """Report the pid, then hold the GIL in one long C call (a regular expression that backtracks)."""
+    import re
+
+    results.put(os.getpid())
+    re.match(r"(a+)+$", "a" * 64 + "b")  # hours of backtracking inside the C engine

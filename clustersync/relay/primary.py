@@ -54,6 +54,8 @@ class WorkerHandle(Peer):
         self._exitcode: Optional[int] = None
         #: Why the primary itself killed this worker (liveness, a malformed frame), or None.
         self.kill_reason: Optional[str] = None
+        #: What the loop watches for the process's end (a pidfd where there is one).
+        self.exit_fd: int = process.sentinel
 
     @property
     def pid(self) -> int:
@@ -238,7 +240,8 @@ class Primary:
         w = WorkerHandle(index, process, parent)
         self._workers[index] = w
         self.router.add(w)
-        self.loop.register(process.sentinel, lambda mask: self._reap(w))
+        w.exit_fd = _watch_exit(process)
+        self.loop.register(w.exit_fd, lambda mask: self._reap(w))
         logger.debug("worker %d started (pid %d)", index, w.pid)
         return w
 
@@ -302,28 +305,34 @@ class Primary:
         self.loop.call(lambda: self._kill(w, reason))
 
     def _kill(self, w: WorkerHandle, reason: Optional[str]) -> None:
-        """The one kill path: cut ``w`` off and SIGKILL it."""
+        """The one kill path: cut ``w`` off and SIGKILL it with its process group."""
         if reason is not None:
             w.kill_reason = reason
             self.router.disconnect(w)
         if not w.reaped:
-            try:
-                w.process.kill()
-            except Exception:  # already gone
-                pass
+            _signal_group(w.pid, signal.SIGKILL)
 
     def _terminate(self, w: WorkerHandle) -> None:
         if not w.reaped:
             try:
-                w.process.terminate()
-            except Exception:  # already gone
+                os.kill(w.pid, signal.SIGTERM)
+            except OSError:  # already gone
                 pass
 
     def _reap(self, w: WorkerHandle) -> None:
-        """The process ended: route what it wrote before exiting, then forget it."""
+        """The process ended: route what it wrote before exiting, stop what it left behind, forget it.
+
+        The end is seen on a pidfd (Linux), so a child the worker forked,
+        which holds copies of the worker's descriptors, cannot hide it. What
+        is left in the worker's process group (its own children) is killed
+        before the worker is reaped, while its pid cannot have been reused.
+        """
         self.router.drain(w)
         self.router.disconnect(w)
-        self.loop.unregister(w.process.sentinel)
+        _signal_group(w.pid, signal.SIGKILL, leader=False)
+        self.loop.unregister(w.exit_fd)
+        if w.exit_fd is not w.process.sentinel:
+            os.close(w.exit_fd)
         w.process.join(1.0)
         w._exitcode = w.process.exitcode
         if w._exitcode is not None:
@@ -439,7 +448,7 @@ class Primary:
         self._closed = True
         for w in list(self._workers.values()):
             self.router.disconnect(w)
-            self.loop.unregister(w.process.sentinel)
+            self.loop.unregister(w.exit_fd)
 
     @property
     def closed(self) -> bool:
@@ -470,6 +479,37 @@ class Primary:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _watch_exit(process: Any) -> int:
+    """A descriptor that becomes readable when ``process`` ends: a pidfd on Linux, else its sentinel.
+
+    multiprocessing's sentinel is a pipe the worker's own children inherit,
+    so it stays open while any of them lives; a pidfd does not.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)  # Linux 5.3+, Python 3.9+
+    if pidfd_open is not None:
+        try:
+            fd: int = pidfd_open(process.pid)
+            return fd
+        except OSError:  # an older kernel, or the process is already reaped
+            pass
+    sentinel: int = process.sentinel
+    return sentinel
+
+
+def _signal_group(pid: int, sig: int, leader: bool = True) -> None:
+    """Send ``sig`` to the process group a worker leads (its children too); ``leader``: or to the worker alone."""
+    try:
+        os.killpg(pid, sig)
+        return
+    except OSError:  # no such group: the worker has not made it yet, or it is empty
+        pass
+    if leader:
+        try:
+            os.kill(pid, sig)
+        except OSError:  # already gone
+            pass
 
 
 _primary: Optional[Primary] = None

@@ -1,17 +1,28 @@
 """A worker's start and its view of itself: bootstrap, the worker context, the orphan policy.
 
-:func:`bootstrap` runs first in every new worker process. It sets the
-worker's signal mask, wires the :class:`~clustersync.relay.link.WorkerLink`
-and installs it as the process's cluster transport (the ``cluster`` driver
-finds it there), runs the target, and flushes. The orphan policy lives in
-the link: when the primary's end of the pipe closes, the worker gets SIGTERM
-and, a second later, exits with status 1 whatever it is doing.
+:func:`bootstrap` runs first in every new worker process. It asks the
+kernel to kill the worker with its parent, makes it the leader of a process
+group of its own (so that the primary can stop whatever the worker starts,
+with it), wires the
+:class:`~clustersync.relay.link.WorkerLink` and installs it as the
+process's cluster transport (the ``cluster`` driver finds it there), runs
+the target, and flushes.
+
+The orphan policy has two parts. On Linux the kernel's parent-death signal
+(``prctl(PR_SET_PDEATHSIG, SIGKILL)``) kills the worker the moment its
+parent dies, whatever it is doing, even inside a C call that holds the GIL
+(the parent is the primary, or under ``forkserver`` the forkserver, which
+exits when the primary does). Everywhere, when the primary's end of the
+pipe closes, the link SIGTERMs the worker and hard-exits it a second later.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -19,6 +30,8 @@ from ..sync import base as _base
 from . import link as _link
 
 __all__ = ["WorkerContext", "current_worker", "notify_ready", "bootstrap"]
+
+PR_SET_PDEATHSIG = 1
 
 ENV_ID = "CLUSTERSYNC_WORKER_ID"
 ENV_COUNT = "CLUSTERSYNC_WORKERS"
@@ -51,6 +64,25 @@ def notify_ready() -> None:
         link.notify_ready()
 
 
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent dies; True if it will (Linux only).
+
+    If the parent died before the request took effect, exit at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent is already gone: the signal will never come
+        os._exit(1)
+    return True
+
+
 def bootstrap(
     target: Callable[..., Any],
     args: Tuple[Any, ...],
@@ -61,6 +93,11 @@ def bootstrap(
 ) -> None:
     """Run in the new worker process: wire the link, run ``target(*args)``, flush."""
     global _context
+    die_with_parent()
+    try:
+        os.setpgid(0, 0)  # a process group of its own: the primary stops its children with it
+    except OSError:  # already a group or session leader
+        pass
     os.environ[ENV_ID] = str(index)
     os.environ[ENV_COUNT] = str(count)
     _context = WorkerContext(index, count, os.getpid())

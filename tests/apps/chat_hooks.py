@@ -1,7 +1,9 @@
 """examples.chat with ways to break a worker from outside.
 
 SIGUSR1 raises, SIGUSR2 calls os._exit(1), SIGPWR writes a malformed frame
-(a valid header, a record size far past its frame) to the pipe to the primary.
+(a valid header, a record size far past its frame) to the pipe to the primary,
+SIGWINCH forks a child that sleeps holding every descriptor the worker had
+(its pid goes to the file named by CHAT_HOOKS_CHILD_FILE), then crashes.
 """
 
 from __future__ import annotations
@@ -36,8 +38,19 @@ def _garble(signum: int, frame: Any) -> None:
     link._sock.sendall(HEADER.pack(len(body), DATA, 1, link.index, 0xFFFF, 1) + body)
 
 
+def _fork_then_crash(signum: int, frame: Any) -> None:
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            signal.pause()
+    with open(os.environ["CHAT_HOOKS_CHILD_FILE"], "w") as f:
+        f.write(str(pid))
+    os._exit(1)
+
+
 def main() -> None:
     signal.signal(signal.SIGUSR1, _raise)
     signal.signal(signal.SIGUSR2, _exit)
     signal.signal(signal.SIGPWR, _garble)
+    signal.signal(signal.SIGWINCH, _fork_then_crash)
     chat.main()
