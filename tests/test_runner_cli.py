@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import clustersync
 
 from clustersync.runner.cli import ENV, build_parser, config_from_args
-from clustersync.runner.sockets import parse_address
+from clustersync.runner.sockets import UNIX_MODE, bind, parse_address
 from clustersync.runner.supervisor import Backoff, describe_exit, exit_status
 
 from .runner_harness import ROOT, Run
@@ -150,3 +151,39 @@ def test_exit_descriptions() -> None:
     assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
     assert describe_exit(-signal.SIGSEGV) == "was killed by SIGSEGV"
     assert [exit_status(c) for c in (0, 3, -9, -15)] == [0, 3, 137, 143]
+
+
+def test_a_unix_socket_has_an_explicit_mode_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "app.sock"
+    old = os.umask(0)
+    try:
+        sock = bind(parse_address(f"unix:{path}"))
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == UNIX_MODE == 0o660
+    finally:
+        sock.close()
+
+
+def test_a_unix_socket_path_too_long_is_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 120)
+    with Run("tests.apps.boot:forever", "-w", "1", "--bind", f"unix:{path}") as run:
+        assert run.wait() == 1, run.log
+    assert "a unix socket path is at most 107" in run.lines[-1], run.log
+    assert "None" not in run.log
+
+
+def test_too_many_workers_is_refused_at_once() -> None:
+    out = cli("run", "tests.apps.boot:forever", "-w", "10000")
+    assert out.returncode == 2 and "must be from 1 to 1024" in out.stderr, out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_a_slow_start_stops_at_once() -> None:
+    with Run("tests.apps.boot:forever", "-w", "400", "--log-level", "debug") as run:
+        run.wait_line(r"worker 5 started \(pid")  # the start loop is under way
+        run.signal(signal.SIGTERM)
+        assert run.wait(45) == 0, run.log
+        started = len(run.matches(r"worker \d+ started \(pid"))
+    assert 5 < started < 400, started  # the start loop heard the signal and stopped starting workers

@@ -261,3 +261,20 @@ def test_a_crashed_worker_whose_child_holds_its_pipes_is_replaced_and_the_child_
                 os.kill(int(child_file.read_text()), signal.SIGKILL)
             except OSError:
                 pass
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_report_is_refused_and_logged() -> None:
+    """A worker can write only to its own report socket, and a report about another pid is refused."""
+    with Run("tests.apps.chat_hooks:main", "-w", "2", "--bind", "127.0.0.1:0") as run:
+        pids = run.ready(2)
+        mark = len(run.lines)
+        os.kill(pids[1], signal.SIGPROF)
+        run.wait_line(rf"worker 1 \(pid {pids[1]}\) sent a report about pid {pids[0]}: ignored", after=mark)
+        run.wait_line(rf"worker 1 \(pid {pids[1]}\) exited with status 1; restarting it", after=mark)
+        run.ready(1, after=mark)
+        os.kill(pids[0], signal.SIGUSR2)  # worker 0 exits 1 without a report of its own
+        _, line = run.wait_line(rf"worker 0 \(pid {pids[0]}\) exited with status 1", after=mark)
+        assert "FORGED" not in run.log
+        run.signal(signal.SIGTERM)
+        assert run.wait() == 0, run.log

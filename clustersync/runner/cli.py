@@ -12,7 +12,7 @@ from .. import __version__, _log
 from .boot import split_app
 from .sockets import parse_address
 from .supervisor import RESTART_POLICIES, RunConfig, Supervisor
-from ..relay.wire import MAX_WORKERS
+from .supervisor import MAX_RUN_WORKERS
 
 __all__ = ["main", "build_parser", "config_from_args", "ENV"]
 
@@ -90,8 +90,11 @@ def _workers(text: str) -> int:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 1 <= n <= MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WORKERS}, not {n}")
+    if not 1 <= n <= MAX_RUN_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"must be from 1 to {MAX_RUN_WORKERS}, not {n} (each worker is a Python process of "
+            "its own: tens of MB; more workers than cores seldom helps)"
+        )
     return n
 
 

@@ -98,11 +98,23 @@ def bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {address.spec}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot listen on {address.spec}: {exc.strerror or exc}") from None
     return sock
 
 
+#: The mode of a ``unix:`` listening socket: the owner and the group may connect, nobody else.
+UNIX_MODE = 0o660
+#: The longest path a unix socket can have (``sun_path`` holds 108 bytes with the final NUL).
+MAX_UNIX_PATH = 107
+
+
 def _bind_unix(path: str) -> socket.socket:
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH:
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"cannot listen on unix:{path}: the path is {size} bytes; a unix socket path is at most {MAX_UNIX_PATH}",
+        )
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -122,12 +134,16 @@ def _bind_unix(path: str) -> socket.socket:
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o777 & ~UNIX_MODE)  # the file is created with UNIX_MODE: no moment with more
     try:
         sock.bind(path)
+        os.chmod(path, UNIX_MODE)  # the same, whatever the umask was
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(umask)
     return sock
 
 

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
@@ -31,7 +32,6 @@ from ..relay.loop import blocked_signals
 from .boot import MAX_REPORT, SIGNALS as WORKER_SIGNALS, WorkerSpec, run_app
 from ..relay.primary import Primary, WorkerHandle
 from .sockets import Address, bind, describe, parse_address, with_port
-from ..relay.wire import MAX_WORKERS
 
 __all__ = ["RunConfig", "Supervisor", "Backoff", "describe_exit", "exit_status", "RESTART_POLICIES"]
 
@@ -40,6 +40,8 @@ logger = logging.getLogger("clustersync")
 RESTART_POLICIES = ("on-failure", "always", "never")
 #: Failures before ready, in a row, after which the command stops.
 MAX_BOOT_FAILURES = 5
+#: The most workers ``clustersync run`` starts (``-w``, and SIGTTIN): each is a Python process of its own.
+MAX_RUN_WORKERS = 1024
 #: Seconds to wait for killed workers to be reaped before giving up on them.
 KILL_WAIT = 5.0
 
@@ -138,8 +140,8 @@ class Supervisor:
     def __init__(self, config: RunConfig) -> None:
         if config.restart not in RESTART_POLICIES:
             raise ValueError(f"restart must be one of {', '.join(RESTART_POLICIES)}")
-        if not 0 < config.workers <= MAX_WORKERS:
-            raise ValueError(f"workers must be from 1 to {MAX_WORKERS}")
+        if not 0 < config.workers <= MAX_RUN_WORKERS:
+            raise ValueError(f"workers must be from 1 to {MAX_RUN_WORKERS}")
         self.config = config
         paths = [os.getcwd()]
         if config.app_dir:
@@ -155,10 +157,10 @@ class Supervisor:
         self._addresses: List[Address] = [parse_address(b) for b in config.binds]
         self._listeners: List[Optional[socket.socket]] = []  # None: bound per worker (--reuse-port)
         self._unix_paths: List[str] = []
-        self._report_rx, self._report_tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._report_rx.setblocking(False)
-        self._report_tx.setblocking(False)
-        self._reports: Dict[int, Dict[str, Any]] = {}
+        # Each worker reports what went wrong on a datagram pair of its own: it holds one end,
+        # the supervisor the other, so no worker can write (or read) another's report.
+        self._report_socks: Dict[WorkerHandle, socket.socket] = {}
+        _supervisors.add(self)
         self._terminated: Set[WorkerHandle] = set()  # workers this supervisor asked to stop
         self._kill_at: Dict[WorkerHandle, float] = {}
         self._bridge: Optional[WorkerHandle] = None
@@ -222,8 +224,9 @@ class Supervisor:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 self._close_listeners()
-                self._report_rx.close()
-                self._report_tx.close()
+                for sock in self._report_socks.values():
+                    sock.close()
+                self._report_socks.clear()
         if self._error:
             logger.error("%s", self._error)
         else:
@@ -328,13 +331,21 @@ class Supervisor:
         assert self.primary is not None
         self.primary.slots = self.target
         listen, own = self._worker_sockets()
-        # The worker starts with these blocked; run_app unblocks them in its main thread only.
+        rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        rx.setblocking(False)
         try:
+            # The worker starts with these blocked; run_app unblocks them in its main thread only.
             with blocked_signals(WORKER_SIGNALS):
-                return self.primary.fork(run_app, self.spec, listen, self._report_tx, index=index)
+                w = self.primary.fork(run_app, self.spec, listen, tx, index=index)
+        except BaseException:
+            rx.close()
+            raise
         finally:
+            tx.close()  # the worker has its copy
             for sock in own:  # the worker has its copy; one left here would queue connections nobody takes
                 sock.close()
+        self._report_socks[w] = rx
+        return w
 
     def _start(self, slot: Slot) -> None:
         slot.restart_at = None
@@ -424,7 +435,7 @@ class Supervisor:
         self._kill_at.pop(w, None)
         asked = w in self._terminated
         self._terminated.discard(w)
-        report = self._report_for(w.pid)
+        report = self._report_for(w)
         code = w.exitcode
         how = describe_exit(code)
         who = f"worker {w.index} (pid {w.pid})"
@@ -512,21 +523,37 @@ class Supervisor:
                 _tail(details),
             )
 
-    def _report_for(self, pid: int) -> Optional[Dict[str, Any]]:
-        """What the worker ``pid`` reported before exiting, if anything."""
-        while True:
-            try:
-                data = self._report_rx.recv(MAX_REPORT + 1024)
-            except OSError:  # BlockingIOError: nothing more
-                break
-            try:
-                message = json.loads(data)
-                self._reports[int(message["pid"])] = message
-            except (ValueError, KeyError, TypeError):
-                continue
-        report = self._reports.pop(pid, None)
-        while len(self._reports) > 64:  # reports of workers that never exited (cannot happen; stay bounded)
-            self._reports.pop(next(iter(self._reports)))
+    def _report_for(self, w: WorkerHandle) -> Optional[Dict[str, Any]]:
+        """What the worker ``w`` reported before exiting, if anything; a report about another pid is refused."""
+        sock = self._report_socks.pop(w, None)
+        if sock is None:
+            return None
+        report = None
+        try:
+            while True:
+                try:
+                    data = sock.recv(MAX_REPORT + 1024)
+                except OSError:  # BlockingIOError: nothing more
+                    break
+                try:
+                    message = json.loads(data)
+                    pid = message["pid"]
+                    if not isinstance(message, dict):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError):
+                    logger.warning("worker %d (pid %d) sent a report that does not parse: ignored", w.index, w.pid)
+                    continue
+                if pid != w.pid:
+                    logger.warning(
+                        "worker %d (pid %d) sent a report about pid %r: ignored (a worker reports only on itself)",
+                        w.index,
+                        w.pid,
+                        pid,
+                    )
+                    continue
+                report = message
+        finally:
+            sock.close()
         return report
 
     # -- rolling restart -------------------------------------------------------
@@ -632,8 +659,8 @@ class Supervisor:
         if self._reloading:
             self._deferred.append(signal.SIGTTIN)
             return
-        if self.target >= MAX_WORKERS:
-            logger.warning("SIGTTIN: already at the most workers there can be (%d)", MAX_WORKERS)
+        if self.target >= MAX_RUN_WORKERS:
+            logger.warning("SIGTTIN: already at the most workers there can be (%d)", MAX_RUN_WORKERS)
             return
         slot = Slot(self.target, initial=False, generation=self.generation)
         self.target += 1
@@ -656,6 +683,20 @@ class Supervisor:
         logger.info("SIGTTOU: one worker fewer, now %d", self.target)
         if slot.handle is not None:
             self._terminate(slot.handle)
+
+
+_supervisors: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A worker forked from here keeps only its own report socket: close the others' ends."""
+    for supervisor in list(_supervisors):
+        for sock in supervisor._report_socks.values():
+            sock.close()
+        supervisor._report_socks = {}
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _tail(details: str) -> str:

@@ -4,6 +4,8 @@ SIGUSR1 raises, SIGUSR2 calls os._exit(1), SIGPWR writes a malformed frame
 (a valid header, a record size far past its frame) to the pipe to the primary,
 SIGWINCH forks a child that sleeps holding every descriptor the worker had
 (its pid goes to the file named by CHAT_HOOKS_CHILD_FILE), then crashes.
+SIGPROF sends a forged report ("FORGED", about a sibling worker's pid) on
+every datagram socket the worker holds, then crashes.
 """
 
 from __future__ import annotations
@@ -48,9 +50,40 @@ def _fork_then_crash(signum: int, frame: Any) -> None:
     os._exit(1)
 
 
+def _forge(signum: int, frame: Any) -> None:
+    import json
+    import socket
+
+    siblings = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) == os.getppid():
+                siblings.append(int(entry))
+    victim = min(siblings)
+    forged = json.dumps({"pid": victim, "index": 0, "kind": "raised", "error": "FORGED"}).encode()
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        with sock:
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_DGRAM:
+                try:
+                    sock.send(forged)
+                except OSError:
+                    pass
+    os._exit(1)
+
+
 def main() -> None:
     signal.signal(signal.SIGUSR1, _raise)
     signal.signal(signal.SIGUSR2, _exit)
     signal.signal(signal.SIGPWR, _garble)
     signal.signal(signal.SIGWINCH, _fork_then_crash)
+    signal.signal(signal.SIGPROF, _forge)
     chat.main()
