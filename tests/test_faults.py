@@ -13,11 +13,12 @@ from typing import Any, Dict, List
 
 import pytest
 
+from clustersync import Address
 from clustersync.relay.primary import Primary
 
 from . import workers
 from .conftest import wait_for
-from .relay_helpers import check_exchange
+from .relay_helpers import check_exchange, run_workers
 
 
 def _drain_queue(q: Any, out: List[Any]) -> None:
@@ -135,3 +136,14 @@ def test_graceful_stop_delivers_what_was_published_before_it() -> None:
         assert in_order, f"a gap or reordering: {detail}"
         assert count >= before_stop, (count, before_stop)
         assert count <= total
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_cannot_speak_for_another_workers_hub() -> None:
+    """Records that name another worker's hub still reach it, and say truly which worker sent them."""
+    out = run_workers(workers.impersonate, 2)
+    _, victim, got = out[1]
+    sender = out[0][1]
+    assert (Address(0, victim.hub), "forged") in got  # not taken for the victim's own echo
+    assert all(origin.worker == 0 for origin, _ in got)
+    assert (sender, "end") in got

@@ -456,3 +456,29 @@ def spin(results: Any) -> None:
 
     results.put(os.getpid())
     re.match(r"(a+)+$", "a" * 64 + "b")  # hours of backtracking inside the C engine
+
+
+def impersonate(results: Any, barrier: Any) -> None:
+    """Worker 0 writes records that name worker 1's hub as their origin, straight to its pipe."""
+    from clustersync.relay.link import current_link
+
+    me = current_worker().index
+    got: List[Any] = []
+    ids: Dict[int, str] = {}
+    hub = Hub(sync=cluster(channel="imp"))
+    hub.subscribe("t", lambda m: got.append((m.origin, m.data)))
+    hub.subscribe("id", lambda m: ids.__setitem__(m.origin.worker, m.data))
+    assert hub.wait_ready(10)
+    barrier.wait(20)
+    hub.publish("id", hub.id)
+    assert _wait(lambda: len(ids) == 2, 10)
+    if me == 0:
+        link = current_link()
+        assert link is not None
+        link.publish(b"imp", 0xFFFF, b"", ids[1].encode(), b"", b"t", b"sforged")
+        hub.publish("t", "end")
+    else:
+        _wait(lambda: any(data == "end" for _, data in got), 10)
+    results.put((me, hub.address, got))
+    barrier.wait(20)
+    hub.close()
