@@ -99,6 +99,7 @@ class Hub:
         self._caps: FrozenSet[str] = frozenset()
         self._publish_parts: Optional[Callable[..., Any]] = None
         self._has_sync = sync is not None
+        self._sync_type = "local"
         if sync is not None:
             driver = sync(self.address)
             if not isinstance(driver, SyncDriver):
@@ -108,6 +109,7 @@ class Hub:
                 )
             self._driver = driver
             self._caps = frozenset(driver.capabilities)
+            self._sync_type = str(driver.name)
             try:
                 # Optional fast paths, as the driver declares them: whole runs in, encoded parts out.
                 if "batch" in self._caps:
@@ -274,6 +276,17 @@ class Hub:
 
     # -- errors --------------------------------------------------------------
 
+    def report(self, exc: BaseException, stage: str) -> None:
+        """Report a failure as the hub reports its own: to ``on_error(exc, stage)``, else to the log (rate-limited).
+
+        For layers built on the hub (synced events, services) that decode
+        what it delivers. ``stage`` is one of ``"subscribe"``, ``"publish"``
+        and ``"delivery"``; it is counted in ``stats()["errors"]``.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+        self._report(exc, stage)
+
     def _report(self, exc: BaseException, stage: str) -> None:
         self._errors += 1
         handler = self.on_error
@@ -308,6 +321,11 @@ class Hub:
         if "ready" not in self._caps:
             return True
         return bool(self._driver.wait_ready(timeout))  # type: ignore[union-attr]
+
+    @property
+    def sync_type(self) -> str:
+        """The backplane's name: ``"cluster"``, ``"broadcast_channel"``, ...; ``"local"`` without one."""
+        return self._sync_type
 
     @property
     def closed(self) -> bool:

@@ -134,6 +134,7 @@ OTHER = Address(7, "other")
 
 
 class FailingDriver:
+    name = "failing"
     capabilities: frozenset = frozenset()
 
     def __init__(self, fail_publish: bool = False, fail_subscribe: bool = False) -> None:

@@ -482,3 +482,96 @@ def impersonate(results: Any, barrier: Any) -> None:
     results.put((me, hub.address, got))
     barrier.wait(20)
     hub.close()
+
+
+class TodoStore:
+    """A service for the synced-events tests: create, patch, remove, and one custom method."""
+
+    def __init__(self) -> None:
+        self.items: Dict[int, Any] = {}
+
+    def create(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        item = dict(data, id=len(self.items) + 1)
+        self.items[item["id"]] = item
+        return item
+
+    def archive(self, item_id: int) -> Dict[str, Any]:
+        return {"id": item_id, "archived": True}
+
+    def fail(self) -> None:
+        raise RuntimeError("a method that fails emits nothing")
+
+
+def typed_values() -> Dict[str, Any]:
+    """Values plain JSON loses, for the tagged codec."""
+    import datetime
+    import decimal
+    import uuid
+
+    return {
+        "naive": datetime.datetime(2026, 12, 1, 3, 48, 53, 123456),
+        "aware": datetime.datetime(2026, 12, 1, 3, 48, 53, 7, tzinfo=datetime.timezone(datetime.timedelta(hours=-5))),
+        "date": datetime.date(2024, 2, 29),
+        "time": datetime.time(23, 59, 59, 999999),
+        "delta": datetime.timedelta(days=-2, seconds=5, microseconds=6),
+        "money": decimal.Decimal("19.990"),
+        "id": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "blob": b"\x00\xff",
+        "pair": (1, (2, "3")),
+        "tags": {"a", "b"},
+        "nested": [{"when": datetime.date(2000, 1, 1)}],
+        7: "an int key",
+    }
+
+
+def events_node(index: int, make_hub: Any, barrier: Any, put: Any) -> None:
+    """One of three nodes (a worker, or a thread): the synced-events scenario, node 0 emitting."""
+    from clustersync.codec import tagged_dumps, tagged_loads
+    from clustersync.events import SYNC, SyncedEmitter
+
+    errors: List[Any] = []
+    hub = make_hub(on_error=lambda e, s: errors.append((type(e).__name__, s)))
+    events = SyncedEmitter(hub, key="k", serializer=tagged_dumps, deserializer=tagged_loads)
+    other_key = SyncedEmitter(hub, key="other")
+    todos = events.service("todos", TodoStore(), custom_events={"archive": "archived"})
+    got: List[Any] = []
+    other_got: List[Any] = []
+
+    def record(data: Any, ctx: Dict[str, Any]) -> None:
+        got.append((ctx["event"], data, ctx["synced"], ctx["origin"], ctx.get("method"), ctx.get("tag")))
+
+    for event in ("created", "archived", "local-only", "random", "typed", "after-bad", "end"):
+        events.on("todos", event, record)
+    other_key.on("todos", "created", lambda data, ctx: other_got.append(data))
+    assert events.wait_ready(10) and other_key.wait_ready(10)
+    barrier.wait(20)
+    if index == 0:
+        todos.create({"text": "a"})
+        try:
+            todos.fail()
+        except RuntimeError:
+            pass
+        events.emit("todos", "local-only", 1, sync=False)
+        events.emit("todos", "local-only", 2, {SYNC: False})
+        todos.archive(5)
+        todos.emit("random", 3)  # not declared by the service: stays local
+        other_key.emit("todos", "created", "other key")
+        events.emit("todos", "typed", typed_values())
+        hub.publish(events.topic, b"not an event")  # a malformed payload on the events topic
+        events.emit("todos", "after-bad", "ok")
+        events.emit("todos", "end", None, {"tag": "x"})
+    _wait(lambda: any(g[0] == "end" for g in got), 20)
+    put((index, got, errors, events.stats(), other_got, events.sync_type))
+    barrier.wait(20)
+    events.close()
+    hub.close()
+
+
+def events_worker(results: Any, barrier: Any) -> None:
+    """events_node in a worker, over the relay."""
+    events_node(
+        current_worker().index,
+        lambda **kw: Hub(sync=cluster(channel="events"), **kw),
+        barrier,
+        results.put,
+    )

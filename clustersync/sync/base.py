@@ -1,7 +1,8 @@
 """The driver interface every sync backplane implements, and its optional capabilities.
 
 A driver factory is called once per hub with the hub's :class:`Address` and
-returns a :class:`SyncDriver`. What a driver can do beyond the three required
+returns a :class:`SyncDriver`: ``name``, ``capabilities``, ``publish``,
+``subscribe`` and ``close``. What a driver can do beyond the three required
 methods it *declares* in :attr:`SyncDriver.capabilities`; the hub reads that
 set and never probes with ``hasattr``:
 
@@ -85,6 +86,8 @@ class SyncDriver(Protocol):
 
     #: The optional capabilities this driver implements (a subset of :data:`CAPABILITIES`).
     capabilities: FrozenSet[str]
+    #: The driver's name, shown as ``Hub.sync_type`` (for example ``"cluster"``).
+    name: str
 
     def publish(self, msg: Message, to: Optional[Destination] = None) -> None:
         """Relay ``msg`` to the other hubs on the channel (or to ``to``). May raise; the hub reports it."""

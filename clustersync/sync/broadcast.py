@@ -37,6 +37,8 @@ _ratelimited = RateLimitedLog()
 class BroadcastDriver:
     """One hub's membership of an in-process channel."""
 
+    #: The driver's name (``Hub.sync_type``).
+    name = "broadcast_channel"
     capabilities: FrozenSet[str] = frozenset({"batch", "ready", "stats"})
 
     def __init__(self, address: Address, channel: str, queue_size: int) -> None:

@@ -39,6 +39,8 @@ _NOT_A_WORKER = (
 class ClusterDriver:
     """One hub's membership of a channel on the primary's relay."""
 
+    #: The driver's name (``Hub.sync_type``).
+    name = "cluster"
     capabilities: FrozenSet[str] = frozenset({"batch", "parts", "ready", "stats", "limit"})
 
     def __init__(self, address: Address, channel: str) -> None:
