@@ -24,3 +24,14 @@ def test_fanout_example_every_worker_receives_everything() -> None:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("worker ")]
     assert len(lines) == 4, proc.stdout
     assert all("received 12 of 12" in line for line in lines), proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_cache_example_every_worker_holds_the_same_cache() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "cache.py")], capture_output=True, text=True, timeout=50, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("worker "))
+    expected = "cache: {1: {'text': 'buy milk', 'id': 1, 'done': True}}"
+    assert [line.split(" ", 2)[2] for line in lines] == [expected] * 4, proc.stdout
