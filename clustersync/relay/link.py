@@ -311,14 +311,17 @@ class WorkerLink:
                 kind, channel, dest, body, count = entry[:5]
                 if kind == _RAW:
                     parts.append(body)
-                    continue
-                if kind == DATA:
+                elif kind == DATA:
                     _close_run(entry)
-                    body = b"".join(body)
+                    size = sum(map(len, body))
+                    parts.append(pack(len(channel) + size, kind, len(channel), index, dest, count))
+                    parts.append(channel)
+                    parts.extend(body)  # the runs as they are: one copy, by the join below
                     messages += count
-                parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
-                parts.append(channel)
-                parts.append(body)
+                else:
+                    parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))
+                    parts.append(channel)
+                    parts.append(body)
             try:
                 sock.sendall(b"".join(parts))
             except OSError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import queue
 import selectors
@@ -19,10 +20,14 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator, List, Optional, Tuple
 from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+from .._log import RateLimitedLog
 
 __all__ = ["Loop", "Timer", "blocked_signals", "start_thread", "ASYNC_SIGNALS"]
+
+_ratelimited = RateLimitedLog()
 
 #: Asynchronous signals, blocked in clustersync's own threads so that they reach the application's.
 ASYNC_SIGNALS = frozenset(
@@ -202,20 +207,33 @@ class Loop:
             self._running = nested
 
     def turn(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for events or the next timer; handle what is ready."""
+        """Wait up to ``timeout`` for events or the next timer; handle what is ready.
+
+        A callback that raises is logged (at most once a second) and the loop
+        goes on: one bug must not stop the relay for every worker.
+        """
         timers = self._timers
         if timers:
             timeout = max(0.0, min(timeout, timers[0][0] - time.monotonic()))
         for key, mask in self._sel.select(timeout):
-            key.data(mask)
+            try:
+                key.data(mask)
+            except Exception:
+                _ratelimited("handler", logging.ERROR, "a handler on the relay's loop failed", exc_info=True)
         if timers:
             now = time.monotonic()
             while timers and timers[0][0] <= now:
                 timer = heapq.heappop(timers)[2]
                 if not timer.cancelled:
-                    timer.fn()
+                    try:
+                        timer.fn()
+                    except Exception:
+                        _ratelimited("timer", logging.ERROR, "a timer on the relay's loop failed", exc_info=True)
         for fn in self._after:
-            fn()
+            try:
+                fn()
+            except Exception:
+                _ratelimited("after", logging.ERROR, "a callback on the relay's loop failed", exc_info=True)
 
     def _drain_wake(self, mask: int) -> None:
         try:
@@ -229,7 +247,10 @@ class Loop:
                 fn = calls.get_nowait()
             except queue.Empty:
                 break
-            fn()
+            try:
+                fn()
+            except Exception:
+                _ratelimited("call", logging.ERROR, "a call on the relay's loop failed", exc_info=True)
 
     def close(self) -> None:
         """Release the selector and the wake pipe. Queued calls are dropped."""

@@ -177,6 +177,9 @@ class Primary:
         except BaseException:
             logger.exception("the relay's loop failed; the primary stops relaying")
             raise
+        finally:
+            if not self._closed:  # it ended without close(): calls from other threads must not wait for it
+                self.loop.close()
 
     # -- workers -----------------------------------------------------------
 
@@ -330,9 +333,7 @@ class Primary:
         self.router.drain(w)
         self.router.disconnect(w)
         _signal_group(w.pid, signal.SIGKILL, leader=False)
-        self.loop.unregister(w.exit_fd)
-        if w.exit_fd is not w.process.sentinel:
-            os.close(w.exit_fd)
+        self._forget_exit_fd(w)
         w.process.join(1.0)
         w._exitcode = w.process.exitcode
         if w._exitcode is not None:
@@ -432,7 +433,10 @@ class Primary:
         try:
             self.stop_workers(timeout)
         finally:
-            self.loop.call(self._shut)
+            if self.loop.closed:
+                self._shut()
+            else:
+                self.loop.call(self._shut)
             thread = self._thread
             if thread is not None:
                 self.loop.stop()
@@ -444,11 +448,20 @@ class Primary:
             if _primary is self:
                 _primary = None
 
+    def _forget_exit_fd(self, w: WorkerHandle) -> None:
+        self.loop.unregister(w.exit_fd)
+        if w.exit_fd != w.process.sentinel:  # a pidfd of ours
+            try:
+                os.close(w.exit_fd)
+            except OSError:
+                pass
+        w.exit_fd = w.process.sentinel
+
     def _shut(self) -> None:
         self._closed = True
         for w in list(self._workers.values()):
             self.router.disconnect(w)
-            self.loop.unregister(w.exit_fd)
+            self._forget_exit_fd(w)
 
     @property
     def closed(self) -> bool:
@@ -535,6 +548,12 @@ def _after_fork_in_child() -> None:
                 sock.close()
             except OSError:
                 pass
+        for w in p._workers.values():
+            if w.exit_fd != w.process.sentinel:
+                try:
+                    os.close(w.exit_fd)
+                except OSError:
+                    pass
         p._workers = {}
         p._closed = True
         p.loop.forget_after_fork()
