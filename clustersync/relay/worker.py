@@ -83,6 +83,30 @@ def die_with_parent() -> bool:
     return True
 
 
+def _release_forkserver() -> None:
+    """Close this worker's copy of the primary's keep-alive pipe to the forkserver.
+
+    multiprocessing hands every process the forkserver starts the write end
+    of that pipe, and the forkserver exits only when every copy is closed.
+    Held here, it would keep the forkserver (this worker's parent) alive after
+    the primary died, and the parent-death signal would never come. A worker
+    that starts processes of its own with forkserver gets a forkserver of its own.
+    """
+    from multiprocessing import forkserver
+
+    server: Any = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is None:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    server._forkserver_alive_fd = None
+    server._forkserver_address = None
+    server._forkserver_pid = None
+
+
 def bootstrap(
     target: Callable[..., Any],
     args: Tuple[Any, ...],
@@ -93,6 +117,8 @@ def bootstrap(
 ) -> None:
     """Run in the new worker process: wire the link, run ``target(*args)``, flush."""
     global _context
+    if config["start_method"] == "forkserver":
+        _release_forkserver()
     die_with_parent()
     try:
         os.setpgid(0, 0)  # a process group of its own: the primary stops its children with it
