@@ -575,3 +575,28 @@ def events_worker(results: Any, barrier: Any) -> None:
         barrier,
         results.put,
     )
+
+
+def node_exchange(node: Any, rounds: int) -> List[Any]:
+    """For clustersync.testing: every node publishes ``rounds`` messages; returns what it heard, sorted."""
+    hub = node.hub()
+    sub = hub.subscribe("t")
+    assert hub.wait_ready(10)
+    node.barrier()
+    for i in range(rounds):
+        hub.publish("t", [node.index, i])
+    return sorted(tuple(sub.get(timeout=10).data) for _ in range(rounds * node.count))
+
+
+def node_fails(node: Any) -> None:
+    """For clustersync.testing: node 1 raises."""
+    if node.index == 1:
+        raise LookupError("node 1 fails on purpose")
+    node.barrier(5)
+
+
+def node_hangs(node: Any) -> None:
+    """For clustersync.testing: node 0 never returns."""
+    if node.index == 0:
+        while True:
+            time.sleep(3600)
