@@ -222,6 +222,45 @@ class Hub:
             self._topics[topic] = self._topics.get(topic, ()) + (sub,)
         return sub
 
+    # -- presence --------------------------------------------------------------
+
+    def advertise(self, entry: str, on: bool = True) -> None:
+        """Add (or, ``on=False``, withdraw) ``entry`` in the backplane's presence table, as this hub's.
+
+        Every hub on the channel that watches the table sees it come, and go
+        when this hub closes or its worker dies. Needs a driver with the
+        ``"presence"`` capability (``cluster``, ``broadcast_channel``).
+        """
+        check_name("entry", entry)
+        self._presence().advertise(entry, on)
+
+    def watch_adverts(self, fn: Callable[[Address, str, bool], Any]) -> Callable[[], None]:
+        """Call ``fn(address, entry, present)`` for every entry in the table now, then for every change.
+
+        Returns the function that stops it. ``fn`` runs on the driver's thread.
+        """
+        if not callable(fn):
+            raise TypeError("fn must be callable")
+        unwatch: Callable[[], None] = self._presence().watch(fn)
+        return unwatch
+
+    def sync_adverts(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every advert change the backplane had seen when called has reached this hub's watchers.
+
+        With ``cluster``, a round trip to the primary: whatever another worker
+        advertised before it told you so (through any channel) is then known here.
+        """
+        return bool(self._presence().sync_presence(timeout))
+
+    def _presence(self) -> Any:
+        if self._closed:
+            raise RuntimeError("a closed Hub has no presence table")
+        if "presence" not in self._caps or self._driver is None or not self._sync_live:
+            raise RuntimeError(
+                f"this hub's backplane ({self._sync_type}) has no presence table: use cluster() or broadcast_channel()"
+            )
+        return self._driver
+
     def _remove(self, sub: Subscription) -> None:
         with self._lock:
             subs = tuple(s for s in self._topics.get(sub.topic, ()) if s is not sub)

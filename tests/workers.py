@@ -600,3 +600,164 @@ def node_hangs(node: Any) -> None:
     if node.index == 0:
         while True:
             time.sleep(3600)
+
+
+class Unregistered(Exception):
+    """Raised remotely, registered with nobody: arrives as RemoteError."""
+
+
+class Registered(Exception):
+    """Raised remotely and registered with Services(errors=...): arrives as itself."""
+
+
+_REPORT: List[Any] = []  # services tests: [results queue, pings hub] once the node is set up
+
+
+class ServiceStore:
+    """The store the services tests expose: it says which worker served each call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get(self, item: Any) -> Dict[str, Any]:
+        from clustersync.services import call_context
+
+        self.calls += 1
+        ctx = call_context()
+        return {"item": item, "worker": current_worker().index, "remote": ctx.from_remote if ctx else None,
+                "caller": ctx.caller if ctx else None}
+
+    def find(self) -> int:
+        return current_worker().index
+
+    async def aget(self, item: Any) -> List[Any]:
+        return [item, current_worker().index]
+
+    def slow(self, seconds: float) -> List[float]:
+        """Tell worker 0 it started (so it pings us meanwhile), then take ``seconds``."""
+        started = time.monotonic()
+        _REPORT[1].publish("slow-started", started, to=0)
+        time.sleep(seconds)  # the slow method itself, not a synchronisation
+        return [started, time.monotonic()]
+
+    def hang(self) -> None:
+        _REPORT[0].put(("hanging", current_worker().index))
+        while True:
+            time.sleep(3600)
+
+    def maybe_hang(self) -> int:
+        if current_worker().index == 2:
+            self.hang()
+        return current_worker().index
+
+    def fail_builtin(self) -> None:
+        raise ValueError("a bad value")
+
+    def fail_registered(self) -> None:
+        raise Registered("registered")
+
+    def fail_unknown(self) -> None:
+        raise Unregistered("not registered")
+
+
+CUSTOM_METHODS = ["aget", "slow", "hang", "maybe_hang", "fail_builtin", "fail_registered", "fail_unknown"]
+
+
+def services_node(results: Any, phase: Any, go_late: Any, finished: Any, expose: List[str]) -> None:
+    """A worker of the services tests: exposes what ``expose`` names; worker 0 calls them all."""
+    import asyncio as aio
+    import threading
+
+    from clustersync.services import RemoteError, Services, ServiceUnavailable
+
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="services"))
+    pings = Hub(sync=cluster(channel="pings"))
+    _REPORT[:] = [results, pings]
+    pinged: List[float] = []
+    slow_started: List[float] = []
+    pings.subscribe("ping", lambda m: pinged.append(time.monotonic()))
+    pings.subscribe("slow-started", lambda m: slow_started.append(m.data))
+    services = Services(hub, timeout=10.0, methods=CUSTOM_METHODS, errors=[Registered])
+    store = ServiceStore()
+    for path in expose:
+        services.expose(path, store, idempotent=("get", "find", "maybe_hang"))
+    assert hub.wait_ready(10) and pings.wait_ready(10)
+    phase.wait(20)  # every worker has exposed what it exposes
+    if me == 4:  # the late one
+        assert go_late.wait(30)
+        services.expose("late", store)
+    if me == 2:  # killed by the test: it must hold no shared lock, so it waits on nothing shared
+        threading.Event().wait()
+    if me != 0:
+        assert finished.wait(60)
+        results.put(("done", me, hub.stats()["received"], pinged))
+        services.close()
+        hub.close()
+        pings.close()
+        return
+    out: Dict[str, Any] = {}
+    todos = services.remote("todos")
+    out["forms"] = [
+        todos.get(1)["item"],
+        services.call("todos", "get", 2)["item"],
+        aio.run(services.remote_async("todos").aget(3))[0],
+        aio.run(services.call_async("todos", "get", 4))["item"],
+    ]
+    out["context"] = todos.get(5)
+    out["spread"] = sorted(services.call("todos", "get", i)["worker"] for i in range(99))
+    out["available"] = services.available()
+    out["gather"] = services.gather("todos", "find")
+    errors: List[Any] = []
+    for method in ("fail_builtin", "fail_registered", "fail_unknown", "missing"):
+        try:
+            services.call("todos", method)
+        except RemoteError as exc:
+            errors.append(("RemoteError", exc.type_name, exc.message, "fail_unknown" in exc.remote_traceback))
+        except Exception as exc:
+            errors.append((type(exc).__name__, str(exc)))
+    started = time.monotonic()
+    try:
+        services.call("nowhere", "get", 1)
+    except ServiceUnavailable:
+        errors.append(("ServiceUnavailable", time.monotonic() - started < 1.0))
+    try:
+        services.call("todos", "slow", 3, timeout=0.3)
+    except TimeoutError:
+        errors.append(("TimeoutError",))
+    out["errors"] = errors
+    out["health"] = [services.healthcheck()[0], services.healthcheck(key="other")[0]]
+    # "solo" lives in worker 1 alone: a slow call there must not hold up its pub/sub delivery.
+    slow_result: List[Any] = []
+    caller = threading.Thread(target=lambda: slow_result.append(services.call("solo", "slow", 1.5)))
+    caller.start()
+    assert _wait(lambda: slow_started, 10)
+    pings.publish("ping", "during the slow call", to=1)
+    caller.join(10)
+    out["solo"] = slow_result[0]
+    go_late.set()
+    out["late"] = services.call("late", "find", wait=True, timeout=10)  # exposed after the start
+    results.put(("report", me, out))
+    # Two calls that hang in worker 2 until the test kills it: one fails at once, one is retried.
+    outcome: Dict[str, Any] = {}
+
+    def victim() -> None:
+        try:
+            services.call("victim", "hang", timeout=30)
+            outcome["victim"] = "returned"
+        except ServiceUnavailable:
+            outcome["victim"] = time.monotonic()
+
+    def retried() -> None:
+        outcome["retry"] = [services.call("retry", "maybe_hang", timeout=30) for _ in range(2)]
+
+    threads = [threading.Thread(target=victim), threading.Thread(target=retried)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(40)
+    results.put(("after-kill", me, outcome))
+    finished.set()
+    services.close()
+    hub.close()
+    pings.close()

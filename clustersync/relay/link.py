@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._log import RateLimitedLog, logger
 from ..message import Address
@@ -24,6 +24,7 @@ from ..sync.base import DeliverBatch, OnUnreachable
 from .loop import start_thread
 from .wire import (
     ACK,
+    ADVERT,
     BROADCAST,
     DATA,
     FRAME_TARGET,
@@ -31,11 +32,13 @@ from .wire import (
     HEADER_SIZE,
     PING,
     PONG,
+    PRESENCE,
     READY,
     RUN,
     SIZE,
     STOP,
     SUB,
+    SYNC,
     UNREACHABLE,
     UNSUB,
     ProtocolError,
@@ -118,6 +121,11 @@ class WorkerLink:
         self._members: Dict[bytes, Tuple[Member, ...]] = {}
         self._sub_seq = 0  # numbers every SUB this link sends; the primary's ACK carries it back
         self._acks: Dict[bytes, int] = {}  # channel -> the highest SUB number acknowledged, while it has members
+        # The presence table of each channel with members, as the primary sends it: {(worker, body): None}.
+        self._presence: Dict[bytes, Dict[Tuple[int, bytes], None]] = {}
+        self._watchers: Dict[bytes, Tuple[Callable[[Address, str, bool], Any], ...]] = {}
+        self._sync_sent = 0
+        self._synced = 0
         self._last_publish = 0.0
         self._writing = False
         self.frames_out = 0
@@ -167,8 +175,73 @@ class WorkerLink:
             else:
                 self._members.pop(channel, None)
                 self._acks.pop(channel, None)
+                self._presence.pop(channel, None)
         if not self._closed:
             self._control(UNSUB, channel)
+
+    def advertise(self, channel: bytes, hub_id: bytes, entry: bytes, on: bool) -> None:
+        """Add (``on``) or withdraw this hub's ``entry`` in the channel's presence table."""
+        self._control(ADVERT, channel, 1 if on else 0, BROADCAST, hub_id + b"\0" + entry)
+
+    def sync(self, timeout: Optional[float]) -> bool:
+        """Wait until everything the primary had queued for this worker when it saw our request has arrived.
+
+        After it, every presence change the primary had processed is in this worker's tables.
+        """
+        with self._cond:
+            self._sync_sent += 1
+            seq = self._sync_sent
+            if self._closed:
+                return False
+            self._runs.append([SYNC, b"", BROADCAST, b"", seq])
+            if self._writer_waiting:
+                self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._synced >= seq or self._closed, timeout) and not self._closed
+
+    def watch_presence(self, channel: bytes, fn: Callable[[Address, str, bool], Any]) -> Callable[[], None]:
+        """Call ``fn(address, entry, present)`` for every entry now in the table, then for every change.
+
+        Returns the function that stops it. ``fn`` runs on the reader thread.
+        """
+        with self._cond:
+            self._watchers[channel] = self._watchers.get(channel, ()) + (fn,)
+            current = list(self._presence.get(channel, {}))
+        for worker, body in current:
+            self._tell(fn, worker, body, True)
+
+        def unwatch() -> None:
+            with self._cond:
+                kept = tuple(f for f in self._watchers.get(channel, ()) if f is not fn)
+                if kept:
+                    self._watchers[channel] = kept
+                else:
+                    self._watchers.pop(channel, None)
+
+        return unwatch
+
+    @staticmethod
+    def _tell(fn: Callable[[Address, str, bool], Any], worker: int, body: bytes, present: bool) -> None:
+        hub_id, _, entry = body.partition(b"\0")
+        try:
+            fn(Address(worker, hub_id.decode("utf-8", "replace")), entry.decode("utf-8", "replace"), present)
+        except Exception:  # the watcher's own error: log it, keep the reader
+            _ratelimited("presence", logging.ERROR, "a presence watcher failed", exc_info=True)
+
+    def _on_presence(self, channel: bytes, worker: int, body: bytes, present: bool) -> None:
+        with self._cond:
+            if channel not in self._members:
+                return  # a channel we have left
+            table = self._presence.setdefault(channel, {})
+            key = (worker, body)
+            if present == (key in table):
+                return
+            if present:
+                table[key] = None
+            else:
+                del table[key]
+            watchers = self._watchers.get(channel, ())
+        for fn in watchers:
+            self._tell(fn, worker, body, present)
 
     def wait_acked(self, channel: bytes, seq: int, timeout: Optional[float]) -> bool:
         """Wait until the primary has seen subscription number ``seq`` on ``channel``."""
@@ -403,6 +476,12 @@ class WorkerLink:
             self._on_stop()
         elif kind == UNREACHABLE:
             self._unreachable(channel, origin, count, body)
+        elif kind == PRESENCE:
+            self._on_presence(channel, origin, body, bool(count))
+        elif kind == SYNC:
+            with self._cond:
+                self._synced = max(self._synced, count)
+                self._cond.notify_all()
 
     def _dispatch(self, channel: bytes, members: Tuple[Member, ...], worker: int, runs: List[Any]) -> None:
         """Hand each run of records to the channel's hubs (all but the publisher; only ``to`` if set)."""

@@ -16,19 +16,23 @@ import logging
 import selectors
 import socket
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Set, Tuple
 
 from .._log import RateLimitedLog, logger
 from .loop import Loop
 from .wire import (
     ACK,
+    ADVERT,
     BROADCAST,
     DATA,
     HEADER,
     HEADER_SIZE,
     KINDS,
+    MAX_ADVERTS,
+    PRESENCE,
     RUN,
     SUB,
+    SYNC,
     UNREACHABLE,
     UNSUB,
     ProtocolError,
@@ -64,6 +68,8 @@ class Peer:
         self.channels: Dict[bytes, int] = {}
         #: ACKs not yet queued, one per channel (the latest SUB's number): bounded by the channels.
         self.acks: Dict[bytes, int] = {}
+        #: The entries this peer advertises, by channel (at most MAX_ADVERTS per channel).
+        self.adverts: Dict[bytes, Set[bytes]] = {}
         self.frames_in = 0
         self.frames_out = 0
         self.messages_in = 0
@@ -124,6 +130,8 @@ class Router:
         self.on_broken = on_broken
         self.peers: Dict[int, Peer] = {}
         self.routes: Dict[bytes, Dict[Peer, int]] = {}
+        #: The presence table: channel -> {(worker index, entry): None}, in the order entries came.
+        self.adverts: Dict[bytes, Dict[Tuple[int, bytes], None]] = {}
         self._dirty: List[Peer] = []
         self.unroutable = 0
         self.malformed = 0
@@ -164,6 +172,7 @@ class Router:
                     del self.routes[chan]
         peer.channels.clear()
         peer.acks.clear()
+        self._withdraw(peer)
         peer.out.clear()
         peer.out_bytes = 0
         peer.inbuf = bytearray()
@@ -268,6 +277,8 @@ class Router:
         if kind == SUB:
             w.channels[chan] = w.channels.get(chan, 0) + 1
             self.routes.setdefault(chan, {})[w] = w.channels[chan]
+            for (index, entry) in self.adverts.get(chan, ()):  # the table, before the ACK
+                self.enqueue_control(w, pack_frame(PRESENCE, chan, index, w.index, entry, 1))
             w.acks[chan] = max(w.acks.get(chan, 0), count)  # coalesced: one entry per channel at most
             if not w.dirty:
                 w.dirty = True
@@ -285,6 +296,10 @@ class Router:
                     subs.pop(w, None)
                     if not subs:
                         del self.routes[chan]
+        elif kind == ADVERT:
+            self._advert(w, chan, bytes(body), bool(count))
+        elif kind == SYNC:  # answered behind everything already queued for the worker
+            self.enqueue_control(w, pack_frame(SYNC, b"", 0xFFFF, w.index, count=count))
         elif kind == UNREACHABLE:
             # A worker found no hub for an addressed message: tell the worker that published it.
             t = self.peers.get(dest)
@@ -292,6 +307,45 @@ class Router:
                 self.enqueue_control(t, pack_frame(UNREACHABLE, chan, w.index, dest, bytes(body), count))
         else:
             self.on_control(w, kind, chan, count)
+
+    def _advert(self, w: Peer, chan: bytes, entry: bytes, on: bool) -> None:
+        """Add or withdraw ``w``'s entry on ``chan`` and tell every worker on the channel."""
+        table = self.adverts.setdefault(chan, {})
+        key = (w.index, entry)
+        if on:
+            if key in table:
+                return
+            mine = w.adverts.setdefault(chan, set())
+            if len(mine) >= MAX_ADVERTS or not entry:
+                _ratelimited(("advert", w.index), logging.WARNING,
+                             "worker %d (pid %d): advert refused (empty, or over %d on one channel)",
+                             w.index, w.pid, MAX_ADVERTS)
+                return
+            mine.add(entry)
+            table[key] = None
+        else:
+            if key not in table:
+                return
+            del table[key]
+            w.adverts.get(chan, set()).discard(entry)
+        if not table:
+            del self.adverts[chan]
+        self._presence(chan, w.index, entry, on)
+
+    def _presence(self, chan: bytes, index: int, entry: bytes, on: bool) -> None:
+        for t in self.routes.get(chan, {}):
+            self.enqueue_control(t, pack_frame(PRESENCE, chan, index, t.index, entry, 1 if on else 0))
+
+    def _withdraw(self, w: Peer) -> None:
+        """``w`` is gone: its entries go, and every worker on their channels is told."""
+        for chan, entries in w.adverts.items():
+            table = self.adverts.get(chan, {})
+            for entry in entries:
+                table.pop((w.index, entry), None)
+                self._presence(chan, w.index, entry, False)
+            if not table:
+                self.adverts.pop(chan, None)
+        w.adverts.clear()
 
     def _broken(self, w: Peer, reason: str) -> None:
         w.malformed += 1

@@ -24,6 +24,12 @@ Python-level step per message.
 :func:`check_records` (the primary, before it relays a frame) and
 :func:`parse_records` (a worker, before it delivers one) are the only record
 parsers. Both check every bound and raise nothing but :class:`ProtocolError`.
+Adverts are the relay's presence table: a hub advertises an entry on its
+channel (ADVERT, body ``hub id NUL entry``); the primary keeps the table,
+sends every worker on the channel a PRESENCE frame when an entry comes or
+goes, sends a worker that subscribes the whole table before its ACK, and
+withdraws a worker's entries the moment it is gone.
+
 An UNREACHABLE frame tells a publishing hub that ``count`` of its addressed
 messages found nobody: its body is ``publisher hub id NUL [to hub id]``, its
 ``dest`` the publisher's worker and its ``origin`` the worker they were for.
@@ -51,6 +57,10 @@ __all__ = [
     "READY",
     "STOP",
     "UNREACHABLE",
+    "ADVERT",
+    "PRESENCE",
+    "SYNC",
+    "MAX_ADVERTS",
     "KINDS",
     "ProtocolError",
     "pack_frame",
@@ -82,7 +92,13 @@ PONG = 6  # worker -> primary: yes
 READY = 7  # worker -> primary: the application says it is ready
 STOP = 8  # primary -> worker: everything before this frame is delivered; stop now
 UNREACHABLE = 9  # primary or worker -> worker: addressed messages of a hub there found nobody
-KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY, STOP, UNREACHABLE})
+ADVERT = 10  # worker -> primary: a hub here offers an entry (body: hub id NUL entry); count 1 on, 0 off
+PRESENCE = 11  # primary -> worker: an entry of worker ``origin`` came (count 1) or went (count 0)
+SYNC = 12  # worker -> primary -> the same worker: everything the primary queued for it before is delivered
+KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY, STOP, UNREACHABLE, ADVERT, PRESENCE, SYNC})
+
+#: The most entries one worker may advertise on one channel (more are refused and logged).
+MAX_ADVERTS = 4096
 
 #: One run of records: (origin hub id, to hub id, namespace, topic, datas), names decoded.
 Run = Tuple[str, str, str, str, List[bytes]]

@@ -15,7 +15,10 @@ set and never probes with ``hasattr``:
 - ``"limit"``: :class:`Limit`, ``max_message``: the largest encoded message
   the backplane carries. The hub's own limit is lowered to it, so a message
   the hub accepts always travels, and one it would not carry raises
-  ``ValueError`` in ``publish``.
+  ``ValueError`` in ``publish``;
+- ``"presence"``: :class:`Presence`, a table of entries that hubs on the
+  channel advertise (``advertise(entry, on)``), withdrawn the moment their
+  hub or worker is gone, watched with ``watch(fn)``: what services are built on.
 
 Every driver honours ``to=``: ``publish(msg, to)`` with ``to`` an
 :class:`Address` (one hub) or an ``int`` (every hub on the channel in that
@@ -44,6 +47,8 @@ __all__ = [
     "Readiness",
     "Stats",
     "Limit",
+    "Presence",
+    "PresenceWatcher",
     "CAPABILITIES",
     "ClusterTransport",
     "cluster_transport",
@@ -59,7 +64,7 @@ DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit"})
+CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
@@ -134,6 +139,23 @@ class Limit(Protocol):
     max_message: int
 
 
+#: ``fn(address, entry, present)``: a hub's entry came (True) or went (False).
+PresenceWatcher = Callable[[Address, str, bool], Any]
+
+
+class Presence(Protocol):
+    """Capability ``"presence"``."""
+
+    def advertise(self, entry: str, on: bool = True) -> None:
+        """Add (``on``) or withdraw this hub's ``entry`` in the channel's table."""
+
+    def watch(self, fn: PresenceWatcher) -> Callable[[], None]:
+        """Call ``fn`` for every entry in the table now, then for every change; return the function that stops it."""
+
+    def sync_presence(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every change the backplane had seen when called has reached the watchers here."""
+
+
 #: A driver factory: called once per hub with the hub's address, returns a driver.
 DriverFactory = Callable[[Address], SyncDriver]
 
@@ -166,6 +188,15 @@ class ClusterTransport(Protocol):
 
     def stats(self) -> Dict[str, Any]:
         """The transport's counters."""
+
+    def advertise(self, channel: bytes, hub_id: bytes, entry: bytes, on: bool) -> None:
+        """Add or withdraw a hub's entry in the channel's presence table."""
+
+    def watch_presence(self, channel: bytes, fn: PresenceWatcher) -> Callable[[], None]:
+        """Watch the channel's presence table."""
+
+    def sync(self, timeout: Optional[float]) -> bool:
+        """Wait until everything the relay queued for this worker before this call has arrived."""
 
 
 _transport: Optional[ClusterTransport] = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from .._log import RateLimitedLog
 from ..message import (
@@ -25,13 +25,23 @@ from ..message import (
     Message,
     check_channel,
 )
-from .base import Deliver, DeliverBatch, DriverFactory, OnUnreachable, one_by_one
+from .base import Deliver, DeliverBatch, DriverFactory, OnUnreachable, PresenceWatcher, one_by_one
 
 __all__ = ["broadcast_channel", "BroadcastDriver"]
 
 _registry_lock = threading.Lock()
 _registry: Dict[str, Tuple["BroadcastDriver", ...]] = {}
 _ratelimited = RateLimitedLog()
+# The presence tables: channel -> {(address, entry): None}, and their watchers.
+_adverts: Dict[str, Dict[Tuple[Address, str], None]] = {}
+_watchers: Dict[str, Tuple["PresenceWatcher", ...]] = {}
+
+
+def _tell(fn: "PresenceWatcher", address: Address, entry: str, present: bool) -> None:
+    try:
+        fn(address, entry, present)
+    except Exception:  # the watcher's own error: log it, keep going
+        _ratelimited("presence", logging.ERROR, "a presence watcher failed", exc_info=True)
 
 
 class BroadcastDriver:
@@ -39,7 +49,7 @@ class BroadcastDriver:
 
     #: The driver's name (``Hub.sync_type``).
     name = "broadcast_channel"
-    capabilities: FrozenSet[str] = frozenset({"batch", "ready", "stats"})
+    capabilities: FrozenSet[str] = frozenset({"batch", "ready", "stats", "presence"})
 
     def __init__(self, address: Address, channel: str, queue_size: int) -> None:
         self.address = address
@@ -49,6 +59,7 @@ class BroadcastDriver:
         self._deliver: Optional[DeliverBatch] = None
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self._watching: List[PresenceWatcher] = []
         self.published = 0
         self.received = 0
 
@@ -128,6 +139,63 @@ class BroadcastDriver:
                 deliver(ns, topic, origin, datas)  # the hub contains subscriber errors itself
                 start = stop
 
+    def advertise(self, entry: str, on: bool = True) -> None:
+        """Add or withdraw ``entry`` in the channel's presence table (this process's)."""
+        key = (self.address, entry)
+        with _registry_lock:
+            table = _adverts.setdefault(self.channel, {})
+            if on == (key in table):
+                return
+            if on:
+                table[key] = None
+            else:
+                del table[key]
+            watchers = list(_watchers.get(self.channel, ()))
+        for fn in watchers:
+            _tell(fn, self.address, entry, on)
+
+    def watch(self, fn: PresenceWatcher) -> Callable[[], None]:
+        """Call ``fn`` for every entry in the table now, then for every change."""
+        with _registry_lock:
+            _watchers[self.channel] = _watchers.get(self.channel, ()) + (fn,)
+            current = list(_adverts.get(self.channel, {}))
+            self._watching.append(fn)
+        for address, entry in current:
+            _tell(fn, address, entry, True)
+
+        def unwatch() -> None:
+            with _registry_lock:
+                kept = tuple(f for f in _watchers.get(self.channel, ()) if f is not fn)
+                if kept:
+                    _watchers[self.channel] = kept
+                else:
+                    _watchers.pop(self.channel, None)
+
+        return unwatch
+
+    def sync_presence(self, timeout: Optional[float] = None) -> bool:
+        """Presence changes reach the watchers before ``advertise`` returns: nothing to wait for."""
+        return not self._closed
+
+    def _withdraw_all(self) -> None:
+        with _registry_lock:
+            table = _adverts.get(self.channel, {})
+            mine = [key for key in table if key[0] == self.address]
+            for key in mine:
+                del table[key]
+            if not table:
+                _adverts.pop(self.channel, None)
+            for fn in self._watching:
+                kept = tuple(f for f in _watchers.get(self.channel, ()) if f is not fn)
+                if kept:
+                    _watchers[self.channel] = kept
+                else:
+                    _watchers.pop(self.channel, None)
+            watchers = list(_watchers.get(self.channel, ()))
+        for address, entry in mine:
+            for fn in watchers:
+                _tell(fn, address, entry, False)
+
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Ready once subscribed: membership is immediate."""
         return self._deliver is not None and not self._closed
@@ -152,6 +220,7 @@ class BroadcastDriver:
             else:
                 _registry.pop(self.channel, None)
         self._closed = True
+        self._withdraw_all()  # its entries go the moment it closes, and its watchers with it
         self._queue.close(clear=True)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():

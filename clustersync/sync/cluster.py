@@ -10,7 +10,7 @@ pipe, then to the one hub there. Outside such a worker, ``subscribe`` raises
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ..message import Address, Destination, Message, check_channel
 from .base import (
@@ -19,6 +19,7 @@ from .base import (
     DeliverBatch,
     DriverFactory,
     OnUnreachable,
+    PresenceWatcher,
     cluster_transport,
     one_by_one,
 )
@@ -41,7 +42,7 @@ class ClusterDriver:
 
     #: The driver's name (``Hub.sync_type``).
     name = "cluster"
-    capabilities: FrozenSet[str] = frozenset({"batch", "parts", "ready", "stats", "limit"})
+    capabilities: FrozenSet[str] = frozenset({"batch", "parts", "ready", "stats", "limit", "presence"})
 
     def __init__(self, address: Address, channel: str) -> None:
         self.address = address
@@ -51,6 +52,8 @@ class ClusterDriver:
         self._link: Optional[ClusterTransport] = None
         self._seq = 0
         self._encoded: Dict[str, bytes] = {}
+        self._adverts: Set[str] = set()
+        self._unwatch: List[Callable[[], None]] = []
 
     def subscribe(self, deliver: Deliver, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel; raises ``RuntimeError`` outside a worker."""
@@ -110,6 +113,31 @@ class ClusterDriver:
         """Send ``msg`` to every other hub on the channel, or to ``to``."""
         self.publish_parts(msg.namespace, msg.topic, msg.data, to)
 
+    def advertise(self, entry: str, on: bool = True) -> None:
+        """Add or withdraw ``entry`` in the primary's presence table for the channel."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        if on:
+            self._adverts.add(entry)
+        else:
+            self._adverts.discard(entry)
+        link.advertise(self._chan, self._hid, entry.encode(), on)
+
+    def watch(self, fn: PresenceWatcher) -> Callable[[], None]:
+        """Watch the channel's presence table (the primary's, as this worker's link holds it)."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        unwatch = link.watch_presence(self._chan, fn)
+        self._unwatch.append(unwatch)
+        return unwatch
+
+    def sync_presence(self, timeout: Optional[float] = None) -> bool:
+        """A round trip to the primary: every presence change it had seen is here when this returns True."""
+        link = self._link
+        return link is not None and link.sync(timeout)
+
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """True once the primary routes the channel to this worker."""
         link = self._link
@@ -121,9 +149,13 @@ class ClusterDriver:
         return link.stats() if link is not None else {"driver": "cluster", "connected": False}
 
     def close(self) -> None:
-        """Leave the channel."""
+        """Withdraw this hub's adverts, stop its watchers, leave the channel."""
         link, self._link = self._link, None
         if link is not None:
+            for entry in self._adverts:
+                link.advertise(self._chan, self._hid, entry.encode(), False)
+            for unwatch in self._unwatch:
+                unwatch()
             link.remove_member(self._chan, self._hid)
 
 
