@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextvars
+import functools
 import inspect
 import itertools
 import threading
@@ -348,10 +349,10 @@ class Services:
         _check_path(path)
         return RemoteService(self, path)
 
-    def remote_async(self, path: str) -> "AsyncRemoteService":
+    def remote_async(self, path: str) -> "RemoteService":
         """The asyncio proxy: ``await services.remote_async("todos").get(1)``."""
         _check_path(path)
-        return AsyncRemoteService(self, path)
+        return RemoteService(self, path, asynchronous=True)
 
     def gather(self, path: str, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Dict[int, Any]:
         """Call ``method`` on every worker that exposes ``path``: ``{worker index: result or the exception}``."""
@@ -657,20 +658,18 @@ class Services:
 
 
 class RemoteService:
-    """A proxy of a remote path: attribute calls become :meth:`Services.call`."""
+    """A proxy of a remote path: ``proxy.get(1)`` is ``services.call(path, "get", 1)``
+    (``await proxy.get(1)`` and ``call_async`` for the asyncio proxy)."""
 
-    def __init__(self, services: Services, path: str) -> None:
+    def __init__(self, services: Services, path: str, asynchronous: bool = False) -> None:
         self._services = services
         self._path = path
+        self._call = services.call_async if asynchronous else services.call
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("_"):
             raise AttributeError(method)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._services.call(self._path, method, *args, **kwargs)
-
-        return call
+        return functools.partial(self._call, self._path, method)
 
     def on(self, event: str, listener: Callable[[Any, Dict[str, Any]], Any]) -> None:
         """Listen to the service's events (needs ``Services(events=...)``)."""
@@ -680,26 +679,6 @@ class RemoteService:
 
     def __repr__(self) -> str:
         return f"<RemoteService {self._path!r}>"
-
-
-class AsyncRemoteService:
-    """The asyncio proxy: ``await proxy.get(1)``."""
-
-    def __init__(self, services: Services, path: str) -> None:
-        self._services = services
-        self._path = path
-
-    def __getattr__(self, method: str) -> Callable[..., Any]:
-        if method.startswith("_"):
-            raise AttributeError(method)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            return await self._services.call_async(self._path, method, *args, **kwargs)
-
-        return call
-
-    def __repr__(self) -> str:
-        return f"<AsyncRemoteService {self._path!r}>"
 
 
 async def _with_context(coro: Any, ctx: CallContext) -> Any:

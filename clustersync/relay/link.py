@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._log import RateLimitedLog, logger
 from ..message import Address
-from ..sync.base import DeliverBatch, OnUnreachable
+from ..sync.base import DeliverBatch, OnUnreachable, tell_watcher
 from .loop import start_thread
 from .wire import (
     ACK,
@@ -222,10 +222,8 @@ class WorkerLink:
     @staticmethod
     def _tell(fn: Callable[[Address, str, bool], Any], worker: int, body: bytes, present: bool) -> None:
         hub_id, _, entry = body.partition(b"\0")
-        try:
-            fn(Address(worker, hub_id.decode("utf-8", "replace")), entry.decode("utf-8", "replace"), present)
-        except Exception:  # the watcher's own error: log it, keep the reader
-            _ratelimited("presence", logging.ERROR, "a presence watcher failed", exc_info=True)
+        address = Address(worker, hub_id.decode("utf-8", "replace"))
+        tell_watcher(fn, address, entry.decode("utf-8", "replace"), present)
 
     def _on_presence(self, channel: bytes, worker: int, body: bytes, present: bool) -> None:
         with self._cond:

@@ -31,6 +31,7 @@ This module imports neither the Hub nor the relay.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Protocol, runtime_checkable
 
@@ -49,6 +50,7 @@ __all__ = [
     "Limit",
     "Presence",
     "PresenceWatcher",
+    "tell_watcher",
     "CAPABILITIES",
     "ClusterTransport",
     "cluster_transport",
@@ -141,6 +143,14 @@ class Limit(Protocol):
 
 #: ``fn(address, entry, present)``: a hub's entry came (True) or went (False).
 PresenceWatcher = Callable[[Address, str, bool], Any]
+
+
+def tell_watcher(fn: PresenceWatcher, address: Address, entry: str, present: bool) -> None:
+    """Call a presence watcher; its own error is logged, never raised into the driver."""
+    try:
+        fn(address, entry, present)
+    except Exception:
+        logging.getLogger("clustersync").exception("a presence watcher failed")
 
 
 class Presence(Protocol):

@@ -25,7 +25,7 @@ from ..message import (
     Message,
     check_channel,
 )
-from .base import Deliver, DeliverBatch, DriverFactory, OnUnreachable, PresenceWatcher, one_by_one
+from .base import Deliver, DeliverBatch, DriverFactory, OnUnreachable, PresenceWatcher, one_by_one, tell_watcher
 
 __all__ = ["broadcast_channel", "BroadcastDriver"]
 
@@ -37,11 +37,13 @@ _adverts: Dict[str, Dict[Tuple[Address, str], None]] = {}
 _watchers: Dict[str, Tuple["PresenceWatcher", ...]] = {}
 
 
-def _tell(fn: "PresenceWatcher", address: Address, entry: str, present: bool) -> None:
-    try:
-        fn(address, entry, present)
-    except Exception:  # the watcher's own error: log it, keep going
-        _ratelimited("presence", logging.ERROR, "a presence watcher failed", exc_info=True)
+def _drop_watcher(channel: str, fn: "PresenceWatcher") -> None:
+    """With the registry lock held: stop telling ``fn`` about ``channel``."""
+    kept = tuple(f for f in _watchers.get(channel, ()) if f is not fn)
+    if kept:
+        _watchers[channel] = kept
+    else:
+        _watchers.pop(channel, None)
 
 
 class BroadcastDriver:
@@ -152,7 +154,7 @@ class BroadcastDriver:
                 del table[key]
             watchers = list(_watchers.get(self.channel, ()))
         for fn in watchers:
-            _tell(fn, self.address, entry, on)
+            tell_watcher(fn, self.address, entry, on)
 
     def watch(self, fn: PresenceWatcher) -> Callable[[], None]:
         """Call ``fn`` for every entry in the table now, then for every change."""
@@ -161,15 +163,11 @@ class BroadcastDriver:
             current = list(_adverts.get(self.channel, {}))
             self._watching.append(fn)
         for address, entry in current:
-            _tell(fn, address, entry, True)
+            tell_watcher(fn, address, entry, True)
 
         def unwatch() -> None:
             with _registry_lock:
-                kept = tuple(f for f in _watchers.get(self.channel, ()) if f is not fn)
-                if kept:
-                    _watchers[self.channel] = kept
-                else:
-                    _watchers.pop(self.channel, None)
+                _drop_watcher(self.channel, fn)
 
         return unwatch
 
@@ -186,15 +184,11 @@ class BroadcastDriver:
             if not table:
                 _adverts.pop(self.channel, None)
             for fn in self._watching:
-                kept = tuple(f for f in _watchers.get(self.channel, ()) if f is not fn)
-                if kept:
-                    _watchers[self.channel] = kept
-                else:
-                    _watchers.pop(self.channel, None)
+                _drop_watcher(self.channel, fn)
             watchers = list(_watchers.get(self.channel, ()))
         for address, entry in mine:
             for fn in watchers:
-                _tell(fn, address, entry, False)
+                tell_watcher(fn, address, entry, False)
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Ready once subscribed: membership is immediate."""
