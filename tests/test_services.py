@@ -103,6 +103,7 @@ def test_services_on_broadcast_channel_threads() -> None:
         assert b.available() == {"store": [-1]}
         assert b.remote("store").get(7) == [7, True]
         assert b.call("store", "whoami") == "a"
+        assert a.call("store", "whoami") == "a"  # the worker's own provider is one like any other
         assert Store().get(1) == [1, False]  # a plain local call has no call context
         a.unexpose("store")
         with pytest.raises(ServiceUnavailable):
