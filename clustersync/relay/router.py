@@ -70,6 +70,10 @@ class Peer:
         self.acks: Dict[bytes, int] = {}
         #: The entries this peer advertises, by channel (at most MAX_ADVERTS per channel).
         self.adverts: Dict[bytes, Set[bytes]] = {}
+        #: Presence changes not yet queued, the latest per (channel, worker, entry): bounded by the table.
+        self.presence: Dict[Tuple[bytes, int, bytes], bool] = {}
+        #: The highest SYNC number to answer once what is pending before it is queued (0: none).
+        self.sync = 0
         self.frames_in = 0
         self.frames_out = 0
         self.messages_in = 0
@@ -172,6 +176,7 @@ class Router:
                     del self.routes[chan]
         peer.channels.clear()
         peer.acks.clear()
+        peer.presence.clear()
         self._withdraw(peer)
         peer.out.clear()
         peer.out_bytes = 0
@@ -278,11 +283,9 @@ class Router:
             w.channels[chan] = w.channels.get(chan, 0) + 1
             self.routes.setdefault(chan, {})[w] = w.channels[chan]
             for (index, entry) in self.adverts.get(chan, ()):  # the table, before the ACK
-                self.enqueue_control(w, pack_frame(PRESENCE, chan, index, w.index, entry, 1))
+                w.presence[(chan, index, entry)] = True
             w.acks[chan] = max(w.acks.get(chan, 0), count)  # coalesced: one entry per channel at most
-            if not w.dirty:
-                w.dirty = True
-                self._dirty.append(w)
+            self._mark(w)
         elif kind == UNSUB:
             left = w.channels.get(chan, 0) - 1
             if left > 0:
@@ -298,8 +301,9 @@ class Router:
                         del self.routes[chan]
         elif kind == ADVERT:
             self._advert(w, chan, bytes(body), bool(count))
-        elif kind == SYNC:  # answered behind everything already queued for the worker
-            self.enqueue_control(w, pack_frame(SYNC, b"", 0xFFFF, w.index, count=count))
+        elif kind == SYNC:  # answered behind everything already queued or pending for the worker
+            w.sync = max(w.sync, count)
+            self._mark(w)
         elif kind == UNREACHABLE:
             # A worker found no hub for an addressed message: tell the worker that published it.
             t = self.peers.get(dest)
@@ -334,7 +338,13 @@ class Router:
 
     def _presence(self, chan: bytes, index: int, entry: bytes, on: bool) -> None:
         for t in self.routes.get(chan, {}):
-            self.enqueue_control(t, pack_frame(PRESENCE, chan, index, t.index, entry, 1 if on else 0))
+            t.presence[(chan, index, entry)] = on  # coalesced: a worker that does not read costs the table
+            self._mark(t)
+
+    def _mark(self, t: Peer) -> None:
+        if not t.dirty:
+            t.dirty = True
+            self._dirty.append(t)
 
     def _withdraw(self, w: Peer) -> None:
         """``w`` is gone: its entries go, and every worker on their channels is told."""
@@ -407,12 +417,19 @@ class Router:
     def flush(self, w: Peer) -> None:
         """Write as much of ``w``'s output as its socket takes, without blocking."""
         out = w.out
-        if w.acks and w.out_bytes < self.max_buffer:
-            for chan, seq in w.acks.items():
-                frame = pack_frame(ACK, chan, 0xFFFF, w.index, count=seq)
+        if (w.presence or w.acks or w.sync) and w.out_bytes < self.max_buffer:
+            # Control state kept coalesced until there is room, in this order: the presence
+            # table before the ACK that makes a hub ready, and both before the SYNC answer.
+            frames = [pack_frame(PRESENCE, c, i, w.index, e, 1 if on else 0) for (c, i, e), on in w.presence.items()]
+            frames += [pack_frame(ACK, chan, 0xFFFF, w.index, count=seq) for chan, seq in w.acks.items()]
+            if w.sync:
+                frames.append(pack_frame(SYNC, b"", 0xFFFF, w.index, count=w.sync))
+            w.presence.clear()
+            w.acks.clear()
+            w.sync = 0
+            for frame in frames:
                 out.append(frame)
                 w.out_bytes += len(frame)
-            w.acks.clear()
         while out:
             chunk = out if len(out) <= IOV_MAX else out[:IOV_MAX]
             try:
