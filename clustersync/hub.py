@@ -39,6 +39,8 @@ _ratelimited = RateLimitedLog()
 _new_message = tuple.__new__  # Message(...) without the Python-level __new__, on hot paths
 
 ErrorHandler = Callable[[BaseException, str], Any]
+#: Failures that are conditions, not bugs: logged as one line, without a traceback.
+_EXPECTED = (BufferError, DestinationUnreachable, ConnectionError, TimeoutError)
 
 
 class Hub:
@@ -342,7 +344,7 @@ class Hub:
             self.id,
             stage,
             exc,
-            exc_info=(type(exc), exc, exc.__traceback__),
+            exc_info=None if isinstance(exc, _EXPECTED) else (type(exc), exc, exc.__traceback__),
         )
 
     # -- state -------------------------------------------------------------

@@ -429,3 +429,32 @@ def test_a_callback_may_unsubscribe_itself() -> None:
     hub.publish("t", 1)
     hub.publish("t", 2)
     assert got == [1] and sub.closed
+
+
+def test_expected_backplane_conditions_are_one_line_bugs_keep_their_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    class Driver:
+        name = "full"
+        capabilities: frozenset = frozenset()
+
+        def __init__(self) -> None:
+            self.fail: BaseException = BufferError("outgoing buffer full")
+
+        def subscribe(self, deliver: Any, on_unreachable: Any = None) -> None:
+            pass
+
+        def publish(self, msg: Message, to: Any = None) -> None:
+            raise self.fail
+
+        def close(self) -> None:
+            pass
+
+    driver = Driver()
+    hub = Hub(sync=lambda address: driver)
+    with caplog.at_level(logging.ERROR, logger="clustersync"):
+        hub.publish("t", "x")
+        driver.fail = ZeroDivisionError("a bug in the driver")
+        hub.publish("t", "y")
+    full, bug = [r for r in caplog.records if "publish error" in r.getMessage()]
+    assert "outgoing buffer full" in full.getMessage() and full.exc_info is None
+    assert bug.exc_info is not None and bug.exc_info[0] is ZeroDivisionError
+    hub.close()
