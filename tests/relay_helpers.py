@@ -68,3 +68,17 @@ def check_exchange(out: Dict[int, Any], n: int, count: int, publishers: List[int
             assert hub_id in by_origin  # its own messages, delivered locally once
         assert stats["errors"] == 0
     assert out["stats"]["dropped"] == 0
+
+
+def collect(results: Any, kind: str, want: int, timeout: float = 30.0) -> List[Any]:
+    """Take ``want`` items tagged ``kind`` from a results queue, in order; fail on anything else or past ``timeout``."""
+    items: List[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(items) < want:
+        try:
+            item = results.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"waited for {want} {kind!r}, got {items}") from None
+        assert item[0] == kind, item
+        items.append(item)
+    return items

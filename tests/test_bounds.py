@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import multiprocessing
-import queue
 import resource
-import time
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import pytest
 
 from clustersync.relay.primary import Primary
 
 from . import workers
-from .relay_helpers import run_workers
-
-
-def _collect(results: Any, kind: str, want: int, timeout: float) -> List[Any]:
-    items: List[Any] = []
-    deadline = time.monotonic() + timeout
-    while len(items) < want:
-        try:
-            item = results.get(timeout=max(0.01, deadline - time.monotonic()))
-        except queue.Empty:
-            raise AssertionError(f"waited for {want} {kind!r}, got {items}") from None
-        assert item[0] == kind, item
-        items.append(item)
-    return items
+from .relay_helpers import collect, run_workers
 
 
 @pytest.mark.timeout(120)
@@ -60,10 +45,10 @@ def test_a_worker_that_does_not_read_costs_the_primary_its_bound_even_under_an_a
     try:
         primary.fork(workers.ack_flood, results, go, stop, 300_000)
         primary.fork(workers.ack_flood, results, go, stop, 300_000)
-        _collect(results, "ready", 2, 20)
+        collect(results, "ready", 2, 20)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         go.set()
-        _collect(results, "done", 1, 100)
+        collect(results, "done", 1, 100)
         snapshot = primary.stats()
         rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
         stats: Dict[int, Any] = {w["index"]: w for w in snapshot["workers"]}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from clustersync.relay.primary import Primary
 from clustersync.sync import cluster, setup_primary_cluster
 
 from . import workers
-from .relay_helpers import check_exchange, run_workers
+from .relay_helpers import check_exchange, collect, run_workers
 from .conftest import wait_for
 
 
@@ -215,29 +214,16 @@ def test_slow_worker_drops_only_its_own() -> None:
     handles = []
     stopped = False
 
-    def collect(kind: str, want: int) -> List[Any]:
-        items: List[Any] = []
-
-        deadline = time.monotonic() + 30
-        while len(items) < want:
-            try:
-                item = results.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"waited for {want} {kind!r}, got {items}") from None
-            assert item[0] == kind, item
-            items.append(item)
-        return items
-
     try:
         handles = [primary.fork(workers.slow_consumer, results, go, again, count) for _ in range(3)]
-        collect("ready", 3)
+        collect(results, "ready", 3)
         # Worker 2's queue feeder may still hold the queue's shared write lock right after its
         # "ready" arrived; stopping it then would block the other workers' puts. Wait it out.
         with results._wlock:  # type: ignore[attr-defined]
             os.kill(handles[2].pid, signal.SIGSTOP)
         stopped = True
         go.set()
-        done = collect("done", 1)
+        done = collect(results, "done", 1)
         assert done[0][1:] == (1, count + 1)  # the healthy worker got everything
         snapshot = primary.stats()
         stats = {w["index"]: w for w in snapshot["exited"] + snapshot["workers"]}
@@ -246,7 +232,7 @@ def test_slow_worker_drops_only_its_own() -> None:
         os.kill(handles[2].pid, signal.SIGCONT)
         stopped = False
         again.set()
-        done = collect("done", 1)
+        done = collect(results, "done", 1)
         snapshot = primary.stats()
         stats = {w["index"]: w for w in snapshot["workers"] + snapshot["exited"]}
         received = done[0][2]
