@@ -37,10 +37,6 @@ SETUP_ALLOWANCE = 15.0  # seconds for starting processes / servers, on top of th
 # ------------------------------------------------------------------------- options
 
 
-#: The clustersync row's per-worker output buffer in the primary (bytes).
-LOSSLESS_MAX_BUFFER = 256 * 1024 * 1024
-
-
 def _csv(kind):
     def parse(text: str):
         try:
@@ -105,9 +101,9 @@ def resolve(args) -> argparse.Namespace:
         args.seconds = 0.25 if args.quick else 1.0
     if args.timeout is None:
         args.timeout = 30.0 if args.quick else 120.0
-    # Like the baselines' lifted limits: a larger per-worker buffer in the primary, so a receiver
-    # that falls behind a flood catches up instead of losing messages (the default is 32 MiB).
-    args.primary_options = {"max_buffer": LOSSLESS_MAX_BUFFER}
+    # clustersync runs at its defaults: flow control slows publishers down to their receivers,
+    # so nothing is lost without lifting a limit (--primary-option changes them).
+    args.primary_options = {}
     for item in args.primary_option:
         key, sep, value = item.partition("=")
         if not sep or not key.isidentifier():
@@ -336,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
            ("%d messages per publisher / round trips" % args.messages) if args.messages
            else ("runs sized to ~%.2g s each by a pilot run" % args.seconds)),
         "baselines tuned for lossless delivery:",
-        "  clustersync: max_buffer=%d (default 32 MiB) unless --primary-option sets it"
-        % LOSSLESS_MAX_BUFFER,
+        "  clustersync: its defaults (max_buffer 32 MiB, flow control) unless --primary-option sets them",
     ]
     for b in BASELINES:
         header.append("  " + ROWS[b].TUNING)

@@ -80,3 +80,14 @@ def test_a_message_the_hub_accepts_always_travels(relay_limit: int) -> None:
     assert got.count(("long", relay_limit - 1)) == 2  # with a 64 KiB topic, behind a pending message
     assert got.count(("t", 1)) == 2 and got.count(("t", 3)) == 2 and errors == 0
     assert out["stats"]["malformed"] == 0  # and run_workers checked that every worker exited 0
+
+
+@pytest.mark.timeout(120)
+def test_a_flood_at_the_default_bounds_loses_nothing() -> None:
+    """Receivers slower than the publishers slow the publishers down (flow control), they do not lose messages."""
+    count = 20_000
+    out = run_workers(workers.flood, 4, count, 4096, timeout=100)
+    for index in range(4):
+        _, got, bad, errors = out[index]
+        assert got == [count] * 3 and bad == 0 and errors == 0, (index, got, bad, errors)
+    assert out["stats"]["dropped"] == 0

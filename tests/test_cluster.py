@@ -228,6 +228,7 @@ def test_slow_worker_drops_only_its_own() -> None:
         snapshot = primary.stats()
         stats = {w["index"]: w for w in snapshot["exited"] + snapshot["workers"]}
         assert stats[2]["dropped"] > 0 and stats[1]["dropped"] == 0
+        assert stats[2]["stalled"] and snapshot["stalls"] >= 1  # flow control gave up on it, and said so
         assert stats[2]["buffered"] <= max_buffer
         os.kill(handles[2].pid, signal.SIGCONT)
         stopped = False

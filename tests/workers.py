@@ -761,3 +761,31 @@ def services_node(results: Any, phase: Any, go_late: Any, finished: Any, expose:
     services.close()
     hub.close()
     pings.close()
+
+
+def flood(results: Any, barrier: Any, count: int, size: int) -> None:
+    """All-to-all flood at full speed: every worker publishes ``count`` messages of ``size`` bytes."""
+    me = current_worker().index
+    seen = [0] * current_worker().count
+    bad = [0]
+    hub = Hub(sync=cluster(channel="flood"))
+
+    def on_message(msg: Message) -> None:
+        sender = msg.data[0]
+        seq = int.from_bytes(msg.data[1:5], "big")
+        if seq != seen[sender]:
+            bad[0] += 1
+        seen[sender] = seq + 1
+
+    hub.subscribe("t", on_message)
+    assert hub.wait_ready(10)
+    barrier.wait(20)
+    pad = b"x" * (size - 5)
+    errors = 0
+    for i in range(count):
+        hub.publish("t", bytes([me]) + i.to_bytes(4, "big") + pad)
+    others = [w for w in range(current_worker().count) if w != me]
+    _wait(lambda: all(seen[w] >= count for w in others), 60)
+    results.put((me, [seen[w] for w in others], bad[0], hub.stats()["errors"] + errors))
+    barrier.wait(60)
+    hub.close()

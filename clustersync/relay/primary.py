@@ -94,8 +94,11 @@ class Primary:
     ``max_buffer`` bounds each worker's output buffer in the primary;
     ``max_message`` the largest message; ``out_limit`` each worker's own
     outgoing buffer, where ``publish`` waits up to ``publish_block`` seconds
-    for room before dropping. With ``timeout``, a worker that has not been
-    heard from for that many seconds is killed. ``thread=False``: the caller
+    for room before dropping. A worker whose buffer passes half of
+    ``max_buffer`` pauses the workers on its channels (flow control) until it
+    is back under a quarter; one that stays behind ``stall_timeout`` seconds
+    is declared stalled and the others go on without it. With ``timeout``, a
+    worker that has not been heard from for that many seconds is killed. ``thread=False``: the caller
     runs :attr:`loop` itself (``clustersync run`` does).
     """
 
@@ -110,6 +113,7 @@ class Primary:
         publish_block: float = 1.0,
         graceful_timeout: float = 10.0,
         timeout: Optional[float] = None,
+        stall_timeout: float = 0.5,
         thread: bool = True,
     ) -> None:
         if start_method not in (None, "fork", "spawn", "forkserver"):
@@ -123,6 +127,8 @@ class Primary:
             raise ValueError("timeout must be a positive number of seconds, or None")
         if not graceful_timeout >= 0:
             raise ValueError("graceful_timeout must be a number of seconds, 0 or more")
+        if not stall_timeout > 0:
+            raise ValueError("stall_timeout must be a positive number of seconds")
         self._ctx = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
         self.start_method: str = self._ctx.get_start_method()
         self.slots = workers
@@ -149,6 +155,7 @@ class Primary:
             max_message=max_message,
             on_control=self._on_control,
             on_broken=self._on_broken,
+            stall_timeout=stall_timeout,
         )
         self._workers: Dict[int, WorkerHandle] = {}
         self._stop_groups: List[Any] = []  # (ping numbers asked, deadline): stops waiting for answers
@@ -485,6 +492,7 @@ class Primary:
             "buffered": sum(w.out_bytes for w in running),
             "unroutable": self.router.unroutable,
             "malformed": self.router.malformed,
+            "stalls": self.router.stalls,
             "channels": self.router.channels(),
         }
 
@@ -571,7 +579,8 @@ def setup_primary_cluster(**options: Any) -> Optional[Primary]:
     ``start_method`` ("fork", "spawn", "forkserver"; default "forkserver",
     see docs/drivers.md), ``workers``, ``max_buffer`` (32 MiB), ``max_message``
     (8 MiB), ``out_limit`` (32 MiB), ``publish_block`` (1.0 s),
-    ``graceful_timeout`` (10 s), ``timeout`` (None). The primary is closed at
+    ``graceful_timeout`` (10 s), ``timeout`` (None), ``stall_timeout`` (0.5 s).
+    The primary is closed at
     interpreter exit: its workers are stopped gracefully.
     """
     global _primary

@@ -16,7 +16,7 @@ import logging
 import selectors
 import socket
 import time
-from typing import Any, Callable, Dict, List, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .._log import RateLimitedLog, logger
 from .loop import Loop
@@ -86,6 +86,14 @@ class Peer:
         self.last_seen = time.monotonic()
         #: The loop's handler for this peer's socket (set by :meth:`Router.add`).
         self.on_ready: Callable[[int], Any] = _unset
+        #: What the loop watches this socket for now (0: nothing, it is not registered).
+        self.events = 0
+        #: Flow control: the congested peers this peer publishes to, which keep its reads paused.
+        self.paused_by: Set["Peer"] = set()
+        #: Since when this peer's buffer has been over the high-water mark (None: it is not).
+        self.congested_since: Optional[float] = None
+        #: Declared stalled: it stopped draining; messages for it alone are dropped until it drains.
+        self.stalled = False
 
     @property
     def pid(self) -> int:
@@ -107,6 +115,7 @@ class Peer:
             "dropped": self.dropped,
             "dropped_frames": self.dropped_frames,
             "malformed": self.malformed,
+            "stalled": self.stalled,
         }
 
 
@@ -126,9 +135,17 @@ class Router:
         max_message: int,
         on_control: Callable[[Peer, int, bytes, int], Any],
         on_broken: Callable[[Peer, str], Any],
+        stall_timeout: float = 0.5,
     ) -> None:
         self.loop = loop
         self.max_buffer = max_buffer
+        #: Flow control: past this a peer is congested and the peers on its channels pause reading...
+        self.high_water = max_buffer // 2
+        #: ...until it is back under this.
+        self.low_water = max_buffer // 4
+        #: A peer congested this long is declared stalled: the others resume, its messages are dropped.
+        self.stall_timeout = stall_timeout
+        self.stalls = 0
         self.max_body = max_body(max_message)
         self.on_control = on_control
         self.on_broken = on_broken
@@ -148,7 +165,7 @@ class Router:
         peer.sock.setblocking(False)
         peer.on_ready = functools.partial(self._ready, peer)
         self.peers[peer.index] = peer
-        self.loop.register(peer.sock, peer.on_ready)
+        self._watch(peer)
 
     def _ready(self, peer: Peer, mask: int) -> None:
         if mask & selectors.EVENT_READ:
@@ -181,7 +198,10 @@ class Router:
         peer.out.clear()
         peer.out_bytes = 0
         peer.inbuf = bytearray()
+        self._uncongest(peer)
+        peer.paused_by.clear()
         self.loop.unregister(peer.sock)
+        peer.events = 0
         peer.sock.close()
         if self.peers.get(peer.index) is peer:
             del self.peers[peer.index]
@@ -393,6 +413,55 @@ class Router:
         if not t.dirty:
             t.dirty = True
             self._dirty.append(t)
+        if t.out_bytes > self.high_water and t.congested_since is None and not t.stalled:
+            self._congest(t)
+
+    # -- flow control --------------------------------------------------------
+
+    def _watch(self, p: Peer) -> None:
+        """Make the loop watch ``p``'s socket for what it needs now: reads unless paused, writes if pending."""
+        events = (0 if p.paused_by else selectors.EVENT_READ) | (selectors.EVENT_WRITE if p.want_write else 0)
+        if events == p.events or not p.connected:
+            return
+        if not p.events:
+            self.loop.register(p.sock, p.on_ready, events)
+        elif not events:
+            self.loop.unregister(p.sock)
+        else:
+            self.loop.modify(p.sock, events, p.on_ready)
+        p.events = events
+
+    def _congest(self, t: Peer) -> None:
+        """``t`` falls behind: pause reading from the peers on its channels until it drains."""
+        since = t.congested_since = time.monotonic()
+        for chan in t.channels:
+            for p in self.routes.get(chan, ()):
+                if t not in p.paused_by:
+                    p.paused_by.add(t)
+                    self._watch(p)
+        self.loop.call_later(self.stall_timeout, lambda: self._check_stall(t, since))
+
+    def _check_stall(self, t: Peer, since: float) -> None:
+        if t.congested_since != since or not t.connected:
+            return  # it drained meanwhile, or is gone
+        t.stalled = True
+        self.stalls += 1
+        logger.warning(
+            "worker %d (pid %d) stopped draining for %.1f s: declared stalled; the others go on and "
+            "messages for it are dropped (counted) once its buffer is full",
+            t.index,
+            t.pid,
+            self.stall_timeout,
+        )
+        self._uncongest(t)
+
+    def _uncongest(self, t: Peer) -> None:
+        """``t`` drained (or stalled, or left): resume the peers it paused."""
+        t.congested_since = None
+        for p in self.peers.values():
+            if t in p.paused_by:
+                p.paused_by.discard(t)
+                self._watch(p)
 
     def enqueue_control(self, t: Peer, frame: bytes) -> None:
         """Queue a control frame for ``t``."""
@@ -457,8 +526,13 @@ class Router:
         want = bool(out)
         if want != w.want_write:
             w.want_write = want
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-            self.loop.modify(w.sock, events, w.on_ready)
+            self._watch(w)
+        if w.out_bytes <= self.low_water:
+            if w.congested_since is not None:
+                self._uncongest(w)
+            elif w.stalled:
+                w.stalled = False
+                logger.info("worker %d (pid %d) drains again: no longer stalled", w.index, w.pid)
 
     def channels(self) -> Dict[str, int]:
         """Channel name -> number of workers on it."""
