@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -396,3 +396,31 @@ def test_the_primary_is_closed_at_interpreter_exit(tmp_path: Any) -> None:
     pids = [int(x) for x in proc.stdout.split()]
     assert proc.returncode == 0 and len(pids) == 2, proc.stdout + proc.stderr
     assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.timeout(60)
+def test_presence_table_over_the_relay() -> None:
+    """A joining worker gets the table before it is ready; entries go with their hub, and with their worker."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    step = ctx.Event()
+    primary = Primary(start_method="fork", workers=3)
+    seen: Dict[Any, Any] = {}
+    try:
+        owner = primary.fork(workers.presence_node, results, step, "owner", index=0)
+        assert results.get(timeout=10) == ("advertised", 0)
+        primary.fork(workers.presence_node, results, step, "late", index=1)
+        kind, index, table = results.get(timeout=10)
+        assert (kind, index) == ("table", 1)
+        assert table == [(0, "closed-with-its-hub", True), (0, "kept", True)]  # all there at wait_ready
+        step.set()
+        assert results.get(timeout=10) == ("closed", 0)
+        with results._wlock:  # type: ignore[attr-defined]  # the owner holds no lock of the queue when killed
+            os.kill(owner.pid, signal.SIGKILL)
+        kind, index, final = results.get(timeout=10)
+        seen[index] = final
+    finally:
+        primary.close(timeout=5)
+        results.close()
+    assert sorted(seen[1][:2]) == [(0, "closed-with-its-hub", True), (0, "kept", True)]
+    assert seen[1][2:] == [(0, "closed-with-its-hub", False), (0, "kept", False)]  # with its hub, then its worker

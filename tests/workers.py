@@ -789,3 +789,35 @@ def flood(results: Any, barrier: Any, count: int, size: int) -> None:
     results.put((me, [seen[w] for w in others], bad[0], hub.stats()["errors"] + errors))
     barrier.wait(60)
     hub.close()
+
+
+def presence_node(results: Any, step: Any, role: str) -> None:
+    """Presence over the relay: "owner" advertises; "watcher" and "late" report what they see."""
+    import threading
+
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="presence"))
+    assert hub.wait_ready(10)
+    if role == "owner":
+        extra = Hub(sync=cluster(channel="presence"))
+        assert extra.wait_ready(10)
+        hub.advertise("kept")
+        extra.advertise("closed-with-its-hub")
+        assert hub.sync_adverts(10)
+        results.put(("advertised", me))
+        assert step.wait(20)
+        extra.close()  # its entry goes with it
+        results.put(("closed", me))
+        threading.Event().wait()  # until the test kills this worker: its other entry goes then
+    seen: List[Any] = []
+    changed = threading.Event()
+
+    def watch(address: Any, entry: str, present: bool) -> None:
+        seen.append((address.worker, entry, present))
+        changed.set()
+
+    hub.watch_adverts(watch)
+    results.put(("table", me, sorted(seen)))  # what the table held when this hub became ready
+    _wait(lambda: (0, "kept", False) in seen, 30)
+    results.put(("final", me, seen))
+    hub.close()
