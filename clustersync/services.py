@@ -310,6 +310,7 @@ class Services:
         the timeout) or the provider died mid-call, and ``TimeoutError``.
         """
         limit = self.timeout if timeout is None else timeout
+        _not_on_a_delivery_thread()
         ctx = self._before(path, method, args, kwargs)
         try:
             future = self._submit(path, method, list(args), dict(kwargs), limit, wait)
@@ -357,6 +358,7 @@ class Services:
     def gather(self, path: str, method: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Dict[int, Any]:
         """Call ``method`` on every worker that exposes ``path``: ``{worker index: result or the exception}``."""
         limit = self.timeout if timeout is None else timeout
+        _not_on_a_delivery_thread()
         self._ensure_ready()
         remote = self._remote_name(path)
         with self._lock:
@@ -684,6 +686,19 @@ class RemoteService:
 async def _with_context(coro: Any, ctx: CallContext) -> Any:
     _context.set(ctx)
     return await coro
+
+
+#: The threads that deliver messages to hubs: the relay link's reader, broadcast_channel's delivery threads.
+_DELIVERY_THREADS = ("clustersync-reader", "clustersync-broadcast-")
+
+
+def _not_on_a_delivery_thread() -> None:
+    """A blocking call on the thread that would deliver its answer can only time out: refuse it at once."""
+    if threading.current_thread().name.startswith(_DELIVERY_THREADS):
+        raise RuntimeError(
+            "a blocking call from a subscription callback would wait for an answer that the same thread "
+            "delivers: call from another thread, or schedule call_async on your event loop"
+        )
 
 
 def _check_path(path: object) -> None:

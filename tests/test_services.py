@@ -245,3 +245,36 @@ def test_service_events_reach_the_proxies_listeners() -> None:
         b.close()
         hub_a.close()
         hub_b.close()
+
+
+def test_a_blocking_call_from_a_delivery_callback_is_refused_at_once() -> None:
+    import threading
+
+    hub_a, hub_b = Hub(sync=broadcast_channel(channel="svc-cb")), Hub(sync=broadcast_channel(channel="svc-cb"))
+    a, b = Services(hub_a), Services(hub_b)
+
+    class Store:
+        def get(self, item: int) -> int:
+            return item
+
+    errors: List[Any] = []
+    done = threading.Event()
+
+    def callback(msg: Any) -> None:
+        try:
+            b.call("store", "get", 1)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+        done.set()
+
+    try:
+        a.expose("store", Store())
+        hub_b.subscribe("poke", callback)
+        hub_a.publish("poke", "call from your callback")
+        assert done.wait(5)
+        assert errors and "call_async" in errors[0]
+    finally:
+        a.close()
+        b.close()
+        hub_a.close()
+        hub_b.close()
