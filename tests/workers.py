@@ -636,7 +636,7 @@ class ServiceStore:
     def slow(self, seconds: float) -> List[float]:
         """Tell worker 0 it started (so it pings us meanwhile), then take ``seconds``."""
         started = time.monotonic()
-        _REPORT[1].publish("slow-started", started, to=0)
+        _REPORT[1].publish("slow-started", [current_worker().index, started], to=0)
         time.sleep(seconds)  # the slow method itself, not a synchronisation
         return [started, time.monotonic()]
 
@@ -729,9 +729,10 @@ def services_node(results: Any, phase: Any, go_late: Any, finished: Any, expose:
     out["health"] = [services.healthcheck()[0], services.healthcheck(key="other")[0]]
     # "solo" lives in worker 1 alone: a slow call there must not hold up its pub/sub delivery.
     slow_result: List[Any] = []
+    before = len(slow_started)  # an earlier slow call (the timeout case) may have reported already
     caller = threading.Thread(target=lambda: slow_result.append(services.call("solo", "slow", 1.5)))
     caller.start()
-    assert _wait(lambda: slow_started, 10)
+    assert _wait(lambda: any(w == 1 for w, _ in slow_started[before:]), 10)
     pings.publish("ping", "during the slow call", to=1)
     caller.join(10)
     out["solo"] = slow_result[0]
