@@ -19,7 +19,6 @@ __all__ = [
     "DEFAULT_QUEUE_SIZE",
     "MAX_NAME",
     "MAX_CHANNEL",
-    "MAX_HUB_ID",
     "NO_WORKER",
     "check_channel",
     "check_name",
@@ -33,8 +32,6 @@ DEFAULT_QUEUE_SIZE = 10_000
 MAX_NAME = 65_535
 #: A channel name is at most this many bytes in UTF-8.
 MAX_CHANNEL = 255
-#: A hub id is at most this many bytes in UTF-8.
-MAX_HUB_ID = 255
 #: ``Address.worker`` of a hub that does not run in a worker of a primary.
 NO_WORKER = -1
 

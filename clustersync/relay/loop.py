@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from .._log import RateLimitedLog
 
-__all__ = ["Loop", "Timer", "blocked_signals", "start_thread", "ASYNC_SIGNALS"]
+__all__ = ["Loop", "blocked_signals", "start_thread", "ASYNC_SIGNALS"]
 
 _ratelimited = RateLimitedLog()
 
@@ -56,21 +56,6 @@ def start_thread(target: Callable[..., Any], *args: Any, name: str) -> threading
     return thread
 
 
-class Timer:
-    """A call scheduled by :meth:`Loop.call_at`; :meth:`cancel` it before it runs."""
-
-    __slots__ = ("when", "fn", "cancelled")
-
-    def __init__(self, when: float, fn: Callable[[], Any]) -> None:
-        self.when = when
-        self.fn = fn
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        """It will not run."""
-        self.cancelled = True
-
-
 Handler = Callable[[int], Any]
 
 
@@ -84,7 +69,7 @@ class Loop:
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self._calls: "queue.SimpleQueue[Callable[[], Any]]" = queue.SimpleQueue()
-        self._timers: List[Tuple[float, int, Timer]] = []
+        self._timers: List[Tuple[float, int, Callable[[], Any]]] = []
         self._seq = itertools.count()
         self._after: List[Callable[[], Any]] = []
         self.owner: Optional[int] = None
@@ -152,19 +137,17 @@ class Loop:
         except (KeyError, ValueError):
             pass
 
-    def call_at(self, when: float, fn: Callable[[], Any]) -> Timer:
+    def call_at(self, when: float, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the loop at ``time.monotonic()`` ``when`` or soon after."""
-        timer = Timer(when, fn)
-        entry = (when, next(self._seq), timer)
+        entry = (when, next(self._seq), fn)
         if self.on_loop():
             heapq.heappush(self._timers, entry)
         else:
             self.call_soon(lambda: heapq.heappush(self._timers, entry))
-        return timer
 
-    def call_later(self, delay: float, fn: Callable[[], Any]) -> Timer:
+    def call_later(self, delay: float, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the loop in ``delay`` seconds."""
-        return self.call_at(time.monotonic() + delay, fn)
+        self.call_at(time.monotonic() + delay, fn)
 
     def after_turn(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` at the end of every turn of the loop (for example: flush what the turn queued)."""
@@ -223,12 +206,11 @@ class Loop:
         if timers:
             now = time.monotonic()
             while timers and timers[0][0] <= now:
-                timer = heapq.heappop(timers)[2]
-                if not timer.cancelled:
-                    try:
-                        timer.fn()
-                    except Exception:
-                        _ratelimited("timer", logging.ERROR, "a timer on the relay's loop failed", exc_info=True)
+                fn = heapq.heappop(timers)[2]
+                try:
+                    fn()
+                except Exception:
+                    _ratelimited("timer", logging.ERROR, "a timer on the relay's loop failed", exc_info=True)
         for fn in self._after:
             try:
                 fn()
