@@ -34,6 +34,15 @@ __all__ = ["Hub", "Message", "Subscription", "SubscriptionClosed", "DEFAULT_MAX_
 STAGES = ("subscribe", "publish", "delivery")
 
 _hub_numbers = itertools.count(1)
+_process_tag = os.urandom(3).hex()
+
+
+def _new_process_tag() -> None:
+    global _process_tag
+    _process_tag = os.urandom(3).hex()
+
+
+os.register_at_fork(after_in_child=_new_process_tag)  # a forked child's hubs are not its parent's
 _B = b"b"
 _ratelimited = RateLimitedLog()
 _new_message = tuple.__new__  # Message(...) without the Python-level __new__, on hot paths
@@ -50,7 +59,10 @@ class Hub:
     ``broadcast_channel(channel="app")``; ``None`` keeps the hub local.
     ``on_error(exc, stage)`` observes backplane and subscriber failures, with
     stage ``"subscribe"``, ``"publish"`` or ``"delivery"``; without it they
-    are logged. ``serializer``/``deserializer`` replace JSON for values that
+    are logged. With a network backplane (Redis, Postgres, NATS),
+    ``on_backplane(up)`` is called with ``False`` once when the backplane is
+    lost and ``True`` once when it is back, and each outage is reported to
+    ``on_error(exc, "subscribe")`` once. ``serializer``/``deserializer`` replace JSON for values that
     are neither ``str`` nor ``bytes``. ``max_message`` bounds one encoded
     message (``ValueError`` in ``publish`` above it), lowered to the
     backplane's own limit when it has one; ``queue_size`` bounds each queue
@@ -63,6 +75,7 @@ class Hub:
         *,
         namespace: str = "",
         on_error: Optional[ErrorHandler] = None,
+        on_backplane: Optional[Callable[[bool], Any]] = None,
         serializer: Optional[Serializer] = None,
         deserializer: Optional[Deserializer] = None,
         max_message: int = DEFAULT_MAX_MESSAGE,
@@ -75,15 +88,18 @@ class Hub:
             raise ValueError("queue_size must be a positive int")
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be callable")
+        if on_backplane is not None and not callable(on_backplane):
+            raise TypeError("on_backplane must be callable")
         if sync is not None and not callable(sync):
             raise TypeError("sync must be a driver factory such as cluster(channel=...)")
-        #: This hub's id, unique among the hubs of a host.
-        self.id = f"{os.getpid()}.{next(_hub_numbers)}"
+        #: This hub's id: the process id, a number, and a random tag that keeps it unique across hosts.
+        self.id = f"{os.getpid()}.{next(_hub_numbers)}.{_process_tag}"
         transport = cluster_transport()
         #: This hub's address: ``msg.origin`` of what it publishes, and what ``publish(..., to=)`` takes.
         self.address = Address(transport.index if transport is not None else NO_WORKER, self.id)
         self.namespace = namespace
         self.on_error = on_error
+        self.on_backplane = on_backplane
         self.max_message = max_message
         self.queue_size = queue_size
         self._codec = Codec(serializer, deserializer)
@@ -113,6 +129,8 @@ class Hub:
             self._caps = frozenset(driver.capabilities)
             self._sync_type = str(driver.name)
             try:
+                if "state" in self._caps:
+                    driver.watch_state(self._on_state)  # type: ignore[attr-defined]
                 # Optional fast paths, as the driver declares them: whole runs in, encoded parts out.
                 if "batch" in self._caps:
                     driver.subscribe_batch(self._on_remote_batch, self._on_unreachable)  # type: ignore[attr-defined]
@@ -309,6 +327,17 @@ class Hub:
             for msg in msgs:
                 for sub in subs:
                     sub._deliver(msg)
+
+    def _on_state(self, up: bool, exc: Optional[BaseException]) -> None:
+        """The driver says the backplane was lost (with its cause) or is back: once each, never per message."""
+        if not up and exc is not None:
+            self._report(exc, "subscribe")
+        fn = self.on_backplane
+        if fn is not None:
+            try:
+                fn(up)
+            except Exception:
+                logger.exception("on_backplane raised")
 
     def _on_unreachable(self, destination: Destination, count: int) -> None:
         """The driver says ``count`` addressed messages found no such hub or worker."""

@@ -16,6 +16,8 @@ set and never probes with ``hasattr``:
   the backplane carries. The hub's own limit is lowered to it, so a message
   the hub accepts always travels, and one it would not carry raises
   ``ValueError`` in ``publish``;
+- ``"state"``: :class:`State`, ``watch_state(fn)``: ``fn(up, exc)`` once when
+  the backplane is lost and once when it is back (the network drivers);
 - ``"presence"``: :class:`Presence`, a table of entries that hubs on the
   channel advertise (``advertise(entry, on)``), withdrawn the moment their
   hub or worker is gone, watched with ``watch(fn)``: what services are built on.
@@ -50,6 +52,7 @@ __all__ = [
     "Limit",
     "Presence",
     "PresenceWatcher",
+    "State",
     "tell_watcher",
     "CAPABILITIES",
     "ClusterTransport",
@@ -66,7 +69,7 @@ DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence"})
+CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "state"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
@@ -139,6 +142,13 @@ class Limit(Protocol):
 
     #: The largest encoded message (tag byte and payload) the backplane carries.
     max_message: int
+
+
+class State(Protocol):
+    """Capability ``"state"``."""
+
+    def watch_state(self, fn: Callable[[bool, Optional[BaseException]], Any]) -> None:
+        """Call ``fn(False, cause)`` once when an outage starts and ``fn(True, None)`` once when it ends."""
 
 
 #: ``fn(address, entry, present)``: a hub's entry came (True) or went (False).

@@ -1,18 +1,22 @@
-"""The text envelope for drivers whose backplane carries text (JSON).
+"""Envelopes: a message as one text or bytes payload, for drivers that move payloads over a server.
 
-A driver that cannot route ``to=`` itself broadcasts the envelope and lets
-each receiver keep only what :func:`is_for` it.
+:func:`encode_envelope`/:func:`decode_envelope` are the text (JSON) form,
+for a backplane that carries text; :func:`pack`/:func:`unpack` the compact
+binary form the Redis, Postgres and NATS drivers use. A driver that cannot
+route ``to=`` itself broadcasts the envelope and lets each receiver keep
+only what :func:`is_for` it.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import struct
 from typing import Any, Dict, Optional, Tuple, Union
 
 from ..message import Address, Destination, Message
 
-__all__ = ["encode_envelope", "decode_envelope", "is_for"]
+__all__ = ["encode_envelope", "decode_envelope", "is_for", "pack", "unpack"]
 
 _VERSION = 2
 
@@ -89,3 +93,56 @@ def is_for(to: Optional[Destination], address: Address) -> bool:
     if isinstance(to, Address):
         return to == address
     return to == address.worker
+
+
+# -- the binary envelope of the network drivers (Redis, Postgres, NATS) ---------------
+
+_MAGIC = b"CS\x01"
+# magic, node (8 bytes), origin worker, destination kind, destination worker, then four name lengths
+_HEAD = struct.Struct("!3s8siBiHHHH")
+_TO_NONE, _TO_WORKER, _TO_HUB = 0, 1, 2
+
+#: What :func:`unpack` returns: ``(node, origin, namespace, topic, data, to)``.
+Unpacked = Tuple[bytes, Address, str, str, bytes, Optional[Destination]]
+
+
+def pack(node: bytes, origin: Address, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> bytes:
+    """Return one message as bytes: the sending ``node`` (8 bytes, for echo suppression), the origin, ``to`` and the data.
+
+    ``data`` is the hub's encoded payload, carried as it is.
+    """
+    hub = origin.hub.encode()
+    ns = namespace.encode()
+    tp = topic.encode()
+    if to is None:
+        kind, to_worker, to_hub = _TO_NONE, 0, b""
+    elif isinstance(to, Address):
+        kind, to_worker, to_hub = _TO_HUB, to.worker, to.hub.encode()
+    else:
+        kind, to_worker, to_hub = _TO_WORKER, int(to), b""
+    head = _HEAD.pack(_MAGIC, node, origin.worker, kind, to_worker, len(hub), len(ns), len(tp), len(to_hub))
+    return b"".join((head, hub, ns, tp, to_hub, data))
+
+
+def unpack(raw: bytes) -> Optional[Unpacked]:
+    """Return ``(node, origin, namespace, topic, data, to)`` from :func:`pack`'s bytes, or None if malformed. Never raises."""
+    try:
+        size = _HEAD.size
+        if len(raw) < size or raw[:3] != _MAGIC:
+            return None
+        _m, node, worker, kind, to_worker, lh, ln, lt, lto = _HEAD.unpack_from(raw)
+        end = size + lh + ln + lt + lto
+        if end > len(raw) or kind > _TO_HUB or lh == 0:
+            return None
+        view = raw
+        hub = view[size : size + lh].decode()
+        ns = view[size + lh : size + lh + ln].decode()
+        tp = view[size + lh + ln : size + lh + ln + lt].decode()
+        to: Optional[Destination] = None
+        if kind == _TO_WORKER:
+            to = to_worker
+        elif kind == _TO_HUB:
+            to = Address(to_worker, view[end - lto : end].decode())
+        return node, Address(worker, hub), ns, tp, bytes(view[end:]), to
+    except (UnicodeDecodeError, struct.error):
+        return None
