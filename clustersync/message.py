@@ -20,6 +20,7 @@ __all__ = [
     "MAX_NAME",
     "MAX_CHANNEL",
     "NO_WORKER",
+    "UPLINK_WORKER",
     "check_channel",
     "check_name",
 ]
@@ -34,6 +35,8 @@ MAX_NAME = 65_535
 MAX_CHANNEL = 255
 #: ``Address.worker`` of a hub that does not run in a worker of a primary.
 NO_WORKER = -1
+#: ``Address.worker`` of a hub on another host, as a host's uplink presents it (``hub`` is then ``"<worker>/<hub id>"``).
+UPLINK_WORKER = 0xFFFD
 
 
 class Address(NamedTuple):
@@ -49,7 +52,7 @@ class Address(NamedTuple):
     hub: str
 
     def __str__(self) -> str:
-        where = "main" if self.worker == NO_WORKER else f"w{self.worker}"
+        where = "main" if self.worker == NO_WORKER else "remote" if self.worker == UPLINK_WORKER else f"w{self.worker}"
         return f"{where}/{self.hub}"
 
 

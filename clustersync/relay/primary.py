@@ -12,6 +12,7 @@ module owns processes, liveness and the stop protocol.
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import multiprocessing.util  # noqa: F401  its exit handler (join every child) must run after ours
 import os
@@ -20,14 +21,17 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 from .._log import logger
-from ..message import DEFAULT_MAX_MESSAGE
+from ..message import DEFAULT_MAX_MESSAGE, UPLINK_WORKER
 from .loop import Loop, start_thread
 from .router import Peer, Router
 from .wire import MAX_WORKERS, PING, PONG, READY, STOP, pack_frame
 from .worker import bootstrap, current_worker
+
+if TYPE_CHECKING:
+    from .uplink import Uplink, UplinkBridge
 
 __all__ = ["Primary", "WorkerHandle", "setup_primary_cluster", "DEFAULT_START_METHOD"]
 
@@ -99,7 +103,11 @@ class Primary:
     is back under a quarter; one that stays behind ``stall_timeout`` seconds
     is declared stalled and the others go on without it. With ``timeout``, a
     worker that has not been heard from for that many seconds is killed. ``thread=False``: the caller
-    runs :attr:`loop` itself (``clustersync run`` does).
+    runs :attr:`loop` itself (``clustersync run`` does). ``uplink``: a
+    backplane URL (``redis://``, ``postgresql://``, ``nats://``...) or an
+    :func:`~clustersync.relay.uplink.uplink`; the primary then bridges every
+    channel between its workers and that backplane, over one connection
+    (see docs/beyond-one-host.md).
     """
 
     def __init__(
@@ -115,6 +123,7 @@ class Primary:
         timeout: Optional[float] = None,
         stall_timeout: float = 0.5,
         thread: bool = True,
+        uplink: "Union[str, Uplink, None]" = None,
     ) -> None:
         if start_method not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', not {start_method!r}")
@@ -129,6 +138,11 @@ class Primary:
             raise ValueError("graceful_timeout must be a number of seconds, 0 or more")
         if not stall_timeout > 0:
             raise ValueError("stall_timeout must be a positive number of seconds")
+        spec = None
+        if uplink is not None:
+            from .uplink import as_uplink
+
+            spec = as_uplink(uplink)  # a bad URL or a missing client library raises before anything starts
         self._ctx = multiprocessing.get_context(start_method or DEFAULT_START_METHOD)
         self.start_method: str = self._ctx.get_start_method()
         self.slots = workers
@@ -168,6 +182,17 @@ class Primary:
         self.on_worker_exit: Optional[Callable[[WorkerHandle], None]] = None
         #: Called on the loop when a worker sends READY.
         self.on_worker_ready: Optional[Callable[[WorkerHandle], None]] = None
+        #: The host uplink, when there is one.
+        self.uplink: "Optional[UplinkBridge]" = None
+        if spec is not None:
+            from .uplink import UplinkBridge
+
+            here, there = socket.socketpair()
+            self._uplink_peer = Peer(UPLINK_WORKER, here)
+            self.router.on_routes = self._routes_changed
+            self.router.add(self._uplink_peer)
+            self.uplink = UplinkBridge(spec, there, max_message, out_limit)
+            self.uplink.session.on_subscribed = self._uplink_subscribed
         _live_primaries.add(self)
         if timeout is not None:
             self.loop.call_soon(self._check_liveness)
@@ -224,8 +249,8 @@ class Primary:
             raise TypeError("index must be an int")
         elif index in self._workers:
             raise ValueError(f"worker index {index} is in use")
-        if not 0 <= index < MAX_WORKERS:
-            raise ValueError(f"worker index must be from 0 to {MAX_WORKERS - 1}")
+        if not 0 <= index < UPLINK_WORKER:
+            raise ValueError(f"worker index must be from 0 to {UPLINK_WORKER - 1}")
         count = self.slots if self.slots is not None else max(len(self._workers), index) + 1
         parent, child = socket.socketpair()
         for sock in (parent, child):
@@ -258,7 +283,32 @@ class Primary:
 
     # -- control frames and liveness -------------------------------------------
 
+    def _routes_changed(self, chan: bytes) -> None:
+        """The uplink carries a channel while a worker of this host is on it.
+
+        While the uplink subscribes a new channel on the backplane (and the
+        backplane is up), the relay holds the ACKs that make hubs on it ready,
+        for at most ``ping_timeout``: a hub that is ready hears other hosts.
+        """
+        bridge = self.uplink
+        if bridge is None:
+            return
+        subs = self.router.routes.get(chan, {})
+        on = any(p.index != UPLINK_WORKER for p in subs)
+        if bridge.set_channel(chan, on) and on and bridge.session.up:
+            self.router.holding.add(chan)
+            self.loop.call_later(bridge.session.options.ping_timeout, lambda: self.router.release(chan))
+        elif not on:
+            self.router.release(chan)
+
+    def _uplink_subscribed(self, names: List[str]) -> None:
+        """The backplane has these channels: release their ACKs (called on the uplink's reader thread)."""
+        for name in names:
+            self.loop.call_soon(functools.partial(self.router.release, name.encode()))
+
     def _on_control(self, peer: Peer, kind: int, chan: bytes, count: int) -> None:
+        if peer.index == UPLINK_WORKER:
+            return  # the uplink's hello
         w: WorkerHandle = peer  # type: ignore[assignment]
         if kind == READY:
             if not w.ready:
@@ -271,6 +321,9 @@ class Primary:
                 self._advance_stops()
 
     def _on_broken(self, peer: Peer, reason: str) -> None:
+        if peer.index == UPLINK_WORKER:
+            logger.error("the uplink sent %s: it is cut off", reason)
+            return
         w: WorkerHandle = peer  # type: ignore[assignment]
         logger.error(
             "worker %d (pid %d) sent %s: it is cut off and stopped; the other workers never see it",
@@ -441,6 +494,9 @@ class Primary:
         try:
             self.stop_workers(timeout)
         finally:
+            bridge = self.uplink
+            if bridge is not None:
+                bridge.close()  # after the workers: what they published last still leaves
             if self.loop.closed:
                 self._shut()
             else:
@@ -467,6 +523,8 @@ class Primary:
 
     def _shut(self) -> None:
         self._closed = True
+        if self.uplink is not None:
+            self.router.disconnect(self._uplink_peer)
         for w in list(self._workers.values()):
             self.router.disconnect(w)
             self._forget_exit_fd(w)
@@ -494,6 +552,7 @@ class Primary:
             "malformed": self.router.malformed,
             "stalls": self.router.stalls,
             "channels": self.router.channels(),
+            "uplink": self.uplink.stats() if self.uplink is not None else None,
         }
 
     def __enter__(self) -> "Primary":
@@ -579,7 +638,8 @@ def setup_primary_cluster(**options: Any) -> Optional[Primary]:
     ``start_method`` ("fork", "spawn", "forkserver"; default "forkserver",
     see docs/drivers.md), ``workers``, ``max_buffer`` (32 MiB), ``max_message``
     (8 MiB), ``out_limit`` (32 MiB), ``publish_block`` (1.0 s),
-    ``graceful_timeout`` (10 s), ``timeout`` (None), ``stall_timeout`` (0.5 s).
+    ``graceful_timeout`` (10 s), ``timeout`` (None), ``stall_timeout`` (0.5 s),
+    ``uplink`` (None: a backplane URL bridges every channel to other hosts).
     The primary is closed at
     interpreter exit: its workers are stopped gracefully.
     """

@@ -156,6 +156,10 @@ class Router:
         self._dirty: List[Peer] = []
         self.unroutable = 0
         self.malformed = 0
+        #: Called with a channel whenever a peer joins or leaves it (the uplink follows the channels).
+        self.on_routes: Optional[Callable[[bytes], Any]] = None
+        #: Channels whose ACKs wait (the uplink is subscribing them on the backplane): see :meth:`release`.
+        self.holding: Set[bytes] = set()
         loop.after_turn(self.flush_dirty)
 
     # -- peers ---------------------------------------------------------------
@@ -185,13 +189,17 @@ class Router:
                 peer.pid,
                 len(peer.inbuf),
             )
-        for chan in peer.channels:
+        left = list(peer.channels)
+        for chan in left:
             subs = self.routes.get(chan)
             if subs is not None:
                 subs.pop(peer, None)
                 if not subs:
                     del self.routes[chan]
         peer.channels.clear()
+        if self.on_routes is not None:
+            for chan in left:
+                self.on_routes(chan)
         peer.acks.clear()
         peer.presence.clear()
         self._withdraw(peer)
@@ -306,6 +314,8 @@ class Router:
                 w.presence[(chan, index, entry)] = True
             w.acks[chan] = max(w.acks.get(chan, 0), count)  # coalesced: one entry per channel at most
             self._mark(w)
+            if w.channels[chan] == 1 and self.on_routes is not None:
+                self.on_routes(chan)
         elif kind == UNSUB:
             left = w.channels.get(chan, 0) - 1
             if left > 0:
@@ -319,6 +329,8 @@ class Router:
                     subs.pop(w, None)
                     if not subs:
                         del self.routes[chan]
+                if self.on_routes is not None:
+                    self.on_routes(chan)
         elif kind == ADVERT:
             self._advert(w, chan, bytes(body), bool(count))
         elif kind == SYNC:  # answered behind everything already queued or pending for the worker
@@ -483,6 +495,14 @@ class Router:
                 if w.connected and not w.want_write:
                     self.flush(w)
 
+    def release(self, chan: bytes) -> None:
+        """Send the ACKs held for ``chan``: the hubs waiting on it are ready."""
+        if chan in self.holding:
+            self.holding.discard(chan)
+            for w in self.routes.get(chan, {}):
+                if chan in w.acks:
+                    self._mark(w)
+
     def flush(self, w: Peer) -> None:
         """Write as much of ``w``'s output as its socket takes, without blocking."""
         out = w.out
@@ -490,11 +510,16 @@ class Router:
             # Control state kept coalesced until there is room, in this order: the presence
             # table before the ACK that makes a hub ready, and both before the SYNC answer.
             frames = [pack_frame(PRESENCE, c, i, w.index, e, 1 if on else 0) for (c, i, e), on in w.presence.items()]
-            frames += [pack_frame(ACK, chan, 0xFFFF, w.index, count=seq) for chan, seq in w.acks.items()]
+            held = {}
+            for chan, seq in w.acks.items():
+                if chan in self.holding:
+                    held[chan] = seq
+                else:
+                    frames.append(pack_frame(ACK, chan, 0xFFFF, w.index, count=seq))
             if w.sync:
                 frames.append(pack_frame(SYNC, b"", 0xFFFF, w.index, count=w.sync))
             w.presence.clear()
-            w.acks.clear()
+            w.acks = held
             w.sync = 0
             for frame in frames:
                 out.append(frame)

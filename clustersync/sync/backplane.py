@@ -110,6 +110,9 @@ class Backend(Protocol):
     #: The largest payload one message may be on this server.
     max_payload: int
 
+    def check_channel(self, channel: str) -> None:
+        """Raise ``ValueError`` if this server cannot carry ``channel``."""
+
     def open_listener(self, timeout: float) -> Listener:
         """Connect a listener (raise on failure or past ``timeout``)."""
 
@@ -248,6 +251,8 @@ class Session:
         self.label = label or backend.name
         self.on_message = on_message
         self.on_state = on_state
+        #: Called on the reader thread with the channels the server has just confirmed.
+        self.on_subscribed: Optional[Callable[[List[str]], Any]] = None
         #: 8 random bytes naming this session on the backplane (echo suppression).
         self.node = os.urandom(8)
         self._channels: Set[str] = set(channels)
@@ -297,11 +302,12 @@ class Session:
             )
 
     def add_channel(self, channel: str) -> None:
-        """Subscribe to one more channel (applied by the reader within a quarter of a second)."""
+        """Subscribe to one more channel (applied by the reader within a quarter of a second; :attr:`on_subscribed` tells when)."""
         with self._lock:
             if channel not in self._channels:
                 self._channels.add(channel)
                 self._changes.append((True, channel))
+
 
     def remove_channel(self, channel: str) -> None:
         """Stop receiving ``channel``."""
@@ -309,6 +315,7 @@ class Session:
             if channel in self._channels:
                 self._channels.discard(channel)
                 self._changes.append((False, channel))
+
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Wait until connected and subscribed; True if so."""
@@ -409,6 +416,7 @@ class Session:
                 self._sender = sender
                 self._fault = None
             self._went_up()
+            self._subscribed(channels)
             try:
                 self._listen(listener)
             except Exception as exc:
@@ -430,6 +438,7 @@ class Session:
                 for on, channel in changes:
                     if on:
                         listener.subscribe([channel], opts.ping_timeout)
+                        self._subscribed([channel])
                     else:
                         listener.unsubscribe([channel], opts.ping_timeout)
             fault = self._fault
@@ -444,6 +453,14 @@ class Session:
             if items:
                 last = now
                 self._hand_over(items)
+
+    def _subscribed(self, channels: List[str]) -> None:
+        fn = self.on_subscribed
+        if fn is not None and channels:
+            try:
+                fn(channels)
+            except Exception:
+                logger.exception("%s: a subscription handler failed", self.label)
 
     def _hand_over(self, items: List[Tuple[str, bytes]]) -> None:
         self.received += len(items)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
-from ..message import Address, Destination, Message, check_channel
+from ..message import UPLINK_WORKER, Address, Destination, Message, check_channel
 from .base import (
     ClusterTransport,
     Deliver,
@@ -87,7 +87,7 @@ class ClusterDriver:
             if not 0 <= to.worker < _MAX_WORKERS:
                 raise ValueError(f"{to} is not the address of a hub in a worker")
             return to.worker, self._names(to.hub)
-        if isinstance(to, int) and not isinstance(to, bool) and 0 <= to < _MAX_WORKERS:
+        if isinstance(to, int) and not isinstance(to, bool) and 0 <= to < _MAX_WORKERS and to != UPLINK_WORKER:
             return to, b""
         raise ValueError(f"to must be an Address or a worker index, not {to!r}")
 

@@ -24,7 +24,7 @@ from ..message import DEFAULT_QUEUE_SIZE, Address, check_channel
 from .backplane import BackplaneDriver, Options, check_options
 from .base import DriverFactory
 
-__all__ = ["nats", "NatsBackend", "DEFAULT_MAX_PAYLOAD"]
+__all__ = ["nats", "NatsBackend", "nats_module", "DEFAULT_MAX_PAYLOAD"]
 
 _INSTALL = 'the nats driver needs nats-py: pip install "clustersync[nats]"'
 #: The NATS server's default ``max_payload``; the server's own figure replaces it once connected.
@@ -34,7 +34,8 @@ _TOKEN = re.compile(r"[^\s*>.]+")
 T = TypeVar("T")
 
 
-def _import() -> Any:
+def nats_module() -> Any:
+    """nats-py, or ``ImportError`` naming the install line."""
     try:
         import nats as lib
     except ImportError as exc:
@@ -193,6 +194,10 @@ class NatsBackend:
     def _open(self, timeout: float) -> _Connection:
         return _Connection(self, self.loop.run(self._connect(timeout), timeout + 1.0))
 
+    def check_channel(self, channel: str) -> None:
+        """Raise ``ValueError`` if ``channel`` cannot be a channel here."""
+        _check_subject(channel)
+
     def open_listener(self, timeout: float) -> _Connection:
         return self._open(timeout)
 
@@ -237,7 +242,7 @@ def nats(
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError("queue_size must be a positive int")
     opts: Options = check_options(**options)
-    lib = _import()
+    lib = nats_module()
 
     def factory(address: Address) -> BackplaneDriver:
         return BackplaneDriver(address, channel, NatsBackend(lib, list(urls), extra), opts, queue_size)

@@ -30,7 +30,7 @@ from ..message import DEFAULT_MAX_MESSAGE, DEFAULT_QUEUE_SIZE, Address, check_ch
 from .backplane import BackplaneDriver, Options, check_options
 from .base import DriverFactory
 
-__all__ = ["postgres", "PostgresBackend", "MAX_CHANNEL_BYTES", "NOTIFY_LIMIT"]
+__all__ = ["postgres", "PostgresBackend", "psycopg_module", "MAX_CHANNEL_BYTES", "NOTIFY_LIMIT"]
 
 _INSTALL = 'the postgres driver needs psycopg 3: pip install "clustersync[postgres]"'
 #: PostgreSQL's longest identifier: a longer LISTEN channel would be truncated.
@@ -42,7 +42,8 @@ _MAX_PARTIAL = 64  # messages being put back together at once, at most
 _PER_QUERY = 64  # NOTIFYs sent in one query at most (one transaction holds a whole batch)
 
 
-def _import() -> Any:
+def psycopg_module() -> Any:
+    """psycopg, or ``ImportError`` naming the install line."""
     try:
         import psycopg
     except ImportError as exc:
@@ -248,6 +249,10 @@ class PostgresBackend:
         # libpq's connect_timeout is whole seconds, 2 at the least.
         return self.lib.connect(self.conninfo, autocommit=True, connect_timeout=max(2, int(timeout + 0.999)))
 
+    def check_channel(self, channel: str) -> None:
+        """Raise ``ValueError`` if ``channel`` cannot be a channel here."""
+        _check_pg_channel(channel)
+
     def open_listener(self, timeout: float) -> _Listener:
         return _Listener(self._connect(timeout), self.max_payload)
 
@@ -311,7 +316,7 @@ def postgres(
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError("queue_size must be a positive int")
     opts: Options = check_options(**options)
-    lib = _import()
+    lib = psycopg_module()
     if conninfo is not None:
         try:
             lib.conninfo.conninfo_to_dict(conninfo)

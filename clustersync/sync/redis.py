@@ -15,7 +15,7 @@ from ..message import DEFAULT_QUEUE_SIZE, Address, check_channel
 from .backplane import BackplaneDriver, Options, check_options
 from .base import DriverFactory
 
-__all__ = ["redis", "RedisBackend"]
+__all__ = ["redis", "RedisBackend", "redis_module", "redis_settings"]
 
 _INSTALL = 'the redis driver needs redis-py: pip install "clustersync[redis]"'
 # The connection settings carried over from the user's URL or client; the rest (timeouts, retries) are ours.
@@ -23,7 +23,8 @@ _KEPT = ("host", "port", "db", "password", "username", "path", "credential_provi
 _DRAIN = 1000  # payloads read in one receive at most
 
 
-def _import() -> Any:
+def redis_module() -> Any:
+    """redis-py, or ``ImportError`` naming the install line."""
     try:
         import redis as lib
     except ImportError as exc:
@@ -146,6 +147,10 @@ class RedisBackend:
         )
         return lib.Redis(connection_pool=pool)
 
+    def check_channel(self, channel: str) -> None:
+        """Raise ``ValueError`` if ``channel`` cannot be a channel here."""
+        check_channel(channel)
+
     def open_listener(self, timeout: float) -> _Listener:
         client = self._client(timeout)
         listener = _Listener(client)
@@ -169,7 +174,9 @@ class RedisBackend:
         """Nothing beyond the connections."""
 
 
-def _settings(lib: Any, url: Optional[str], client: Any) -> Tuple[Any, Dict[str, Any]]:
+def redis_settings(url: Optional[str], client: Any) -> Tuple[Any, Dict[str, Any], Any]:
+    """The connection class and settings of ``url`` or ``client``, and redis-py itself."""
+    lib = redis_module()
     if url is not None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"url must be a redis://, rediss:// or unix:// URL, not {url!r}")
@@ -182,7 +189,7 @@ def _settings(lib: Any, url: Optional[str], client: Any) -> Tuple[Any, Dict[str,
         pool = client.connection_pool
     kwargs = pool.connection_kwargs
     settings = {k: kwargs[k] for k in kwargs if k in _KEPT or k.startswith("ssl")}
-    return pool.connection_class, settings
+    return pool.connection_class, settings, lib
 
 
 def redis(
@@ -209,8 +216,7 @@ def redis(
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ValueError("queue_size must be a positive int")
     opts: Options = check_options(**options)
-    lib = _import()
-    connection_class, settings = _settings(lib, url, client)
+    connection_class, settings, lib = redis_settings(url, client)
 
     def factory(address: Address) -> BackplaneDriver:
         return BackplaneDriver(address, channel, RedisBackend(lib, connection_class, settings), opts, queue_size)
