@@ -6,9 +6,11 @@ import faulthandler
 import os
 import signal
 import time
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional, Type, TypeVar
 
 import pytest
+
+from .servers import SERVER_PIDS, MissingWheel, NatsServer, PostgresServer, RedisServer, Server
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -65,6 +67,9 @@ def _descendants() -> List[int]:
 
     multiprocessing's long-lived helpers (the forkserver, the resource
     tracker) are not leaks; the workers a forkserver starts are counted.
+    Nor are the servers of tests/servers.py (``SERVER_PIDS``) and their own
+    descendants (postgres backends): session-scoped servers outlive the test
+    that starts them.
     """
     me = os.getpid()
     parent: Dict[int, int] = {}
@@ -85,8 +90,10 @@ def _descendants() -> List[int]:
             parent[int(entry)] = int(rest[1])
     out = []
     for pid in parent:
-        p = parent.get(pid)
-        while p is not None and p != me:
+        if pid == me:
+            continue
+        p: Optional[int] = pid
+        while p is not None and p != me and p not in SERVER_PIDS:
             p = parent.get(p)
         if p == me and not (parent[pid] == me and _is_helper(pid)):  # a forkserver's children are workers
             out.append(pid)
@@ -113,3 +120,82 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
+
+
+# --------------------------------------------------------------- real servers (tests/servers.py)
+
+S = TypeVar("S", bound=Server)
+_SHARED: List[Server] = []  # the session-scoped servers started so far
+
+
+def _serve(cls: Type[S]) -> Iterator[S]:
+    """Start a ``cls`` server, yield it, close it; a missing wheel fails (never skips)."""
+    try:
+        server = cls()
+    except MissingWheel as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _shared(cls: Type[S]) -> Iterator[S]:
+    """Like ``_serve``, and restored after each test by ``_shared_servers_restored``."""
+    serving = _serve(cls)
+    server = next(serving)
+    _SHARED.append(server)
+    try:
+        yield server
+    finally:
+        _SHARED.remove(server)
+        next(serving, None)  # closes it
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server on 127.0.0.1 for the whole session, started on first use."""
+    yield from _shared(RedisServer)
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """A nats-server on 127.0.0.1 for the whole session, started on first use."""
+    yield from _shared(NatsServer)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on 127.0.0.1 for the whole session, started on first use (~1 s)."""
+    yield from _shared(PostgresServer)
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own (~20 ms)."""
+    yield from _serve(RedisServer)
+
+
+@pytest.fixture
+def fresh_nats() -> Iterator[NatsServer]:
+    """A nats-server of this test's own (~40 ms)."""
+    yield from _serve(NatsServer)
+
+
+@pytest.fixture
+def fresh_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own (~1 s: initdb)."""
+    yield from _serve(PostgresServer)
+
+
+@pytest.fixture(autouse=True)
+def _shared_servers_restored() -> Iterator[None]:
+    """A test that killed or froze a session server leaves it running (thawed) for the next."""
+    yield
+    for server in _SHARED:
+        server.ensure_running()

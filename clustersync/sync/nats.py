@@ -184,7 +184,8 @@ class NatsBackend:
             servers=self.servers,
             allow_reconnect=False,
             connect_timeout=max(1, int(timeout + 0.999)),
-            max_reconnect_attempts=0,
+            max_reconnect_attempts=1,  # 0 would mean "for ever"; the driver reconnects itself
+            reconnect_time_wait=0,
             error_cb=_quiet,
             **self.connect_options,
         )
@@ -235,7 +236,7 @@ def nats(
         if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
             raise ValueError(f"servers must be nats://, tls://, ws:// or wss:// URLs, not {url!r}")
     extra = dict(connect_options or {})
-    ours = {"servers", "allow_reconnect", "connect_timeout", "max_reconnect_attempts", "error_cb"}
+    ours = {"servers", "allow_reconnect", "connect_timeout", "max_reconnect_attempts", "reconnect_time_wait", "error_cb"}
     clash = sorted(ours & set(extra))
     if clash:
         raise ValueError(f"connect_options cannot set {', '.join(clash)}: the driver sets them")
