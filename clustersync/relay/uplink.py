@@ -88,6 +88,10 @@ def uplink(url: str, **options: Any) -> Uplink:
         from ..sync.postgres import PostgresBackend, psycopg_module
 
         lib = psycopg_module()
+        try:
+            lib.conninfo.conninfo_to_dict(url)
+        except lib.ProgrammingError as exc:
+            raise ValueError(f"uplink {url!r} is not a valid PostgreSQL URL: {exc}") from None
         make = lambda: PostgresBackend(lib, url, DEFAULT_MAX_MESSAGE)  # noqa: E731
     else:
         from ..sync.nats import NatsBackend, nats_module

@@ -27,6 +27,7 @@ ENV = {
     "start_method": "CLUSTERSYNC_START_METHOD",
     "log_level": "CLUSTERSYNC_LOG_LEVEL",
     "app_dir": "CLUSTERSYNC_APP_DIR",
+    "uplink": "CLUSTERSYNC_UPLINK",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -207,7 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-method",
         type=_choice(START_METHODS),
         metavar="{" + ",".join(START_METHODS) + "}",
-        help="how workers start (default: fork; the primary is single-threaded)",
+        help="how workers start (default: fork, since the primary is single-threaded; "
+        "forkserver with --uplink, whose threads run in the primary)",
+    )
+    run.add_argument(
+        "--uplink",
+        metavar="URL",
+        help="bridge every channel to other hosts through this backplane: redis://, rediss://, "
+        "postgresql://, postgres://, nats:// or tls:// (one connection for the whole host; "
+        "the client library is an extra, e.g. pip install \"clustersync[redis]\")",
     )
     run.add_argument(
         "--log-level",
@@ -240,6 +249,14 @@ def config_from_args(
         split_app(args.app)
     except ValueError as exc:
         parser.error(str(exc))
+    uplink = pick("uplink", str, None) or None
+    if uplink is not None:
+        from ..relay.uplink import uplink as check_uplink
+
+        try:
+            check_uplink(uplink)
+        except (ValueError, ImportError) as exc:
+            parser.error(f"--uplink: {exc}")
     return RunConfig(
         app=args.app,
         workers=pick("workers", _workers, None) or _default_workers(),
@@ -251,6 +268,7 @@ def config_from_args(
         start_method=pick("start_method", _choice(START_METHODS), None),
         log_level=pick("log_level", _choice(LOG_LEVELS), "info"),
         app_dir=pick("app_dir", str, None),
+        uplink=uplink,
     )
 
 

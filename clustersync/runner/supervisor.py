@@ -75,6 +75,7 @@ class RunConfig:
     start_method: Optional[str] = None
     log_level: str = "info"
     app_dir: Optional[str] = None
+    uplink: Optional[str] = None
 
 
 class Backoff:
@@ -183,13 +184,20 @@ class Supervisor:
             logger.error("%s", exc.strerror or exc)
             self._close_listeners()
             return EXIT_KILLED
-        primary = Primary(
-            start_method=cfg.start_method or "fork",
-            workers=cfg.workers,
-            graceful_timeout=cfg.graceful_timeout,
-            timeout=cfg.timeout,
-            thread=False,
-        )
+        try:
+            primary = Primary(
+                # The uplink's threads run in the primary: a fork would copy the locks they hold.
+                start_method=cfg.start_method or ("forkserver" if cfg.uplink else "fork"),
+                workers=cfg.workers,
+                graceful_timeout=cfg.graceful_timeout,
+                timeout=cfg.timeout,
+                thread=False,
+                uplink=cfg.uplink,
+            )
+        except (ValueError, ImportError) as exc:
+            logger.error("%s", exc)
+            self._close_listeners()
+            return EXIT_KILLED
         self.primary = primary
         primary.on_worker_exit = self._on_exit
         primary.on_worker_ready = self._on_ready
@@ -197,13 +205,14 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
         try:
             logger.info(
-                "clustersync %s: running %s in %d worker%s (start method %s, restart %s)",
+                "clustersync %s: running %s in %d worker%s (start method %s, restart %s%s)",
                 __version__,
                 cfg.app,
                 cfg.workers,
                 "" if cfg.workers == 1 else "s",
                 primary.start_method,
                 cfg.restart,
+                f", uplink {cfg.uplink}" if cfg.uplink else "",
             )
             for index in range(cfg.workers):
                 self.slots[index] = Slot(index, initial=True, generation=0)
