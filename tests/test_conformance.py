@@ -557,6 +557,28 @@ def test_wait_ready_close_twice_and_publish_after_close(backplane: Backplane) ->
     assert out["errors"] == []
 
 
+N_CLOSE = 2000
+
+
+def _publish_then_close(peer: Peer) -> Optional[List[Any]]:
+    hub = peer.hub()
+    inbox = Inbox(hub, "t")
+    peer.ready(hub)
+    if peer.index == 0:
+        for i in range(N_CLOSE):
+            hub.publish("t", i)
+        hub.close()  # at once: what publish accepted while up is on its way, not thrown away
+        return None
+    until(lambda: len(inbox.data("t")) >= N_CLOSE, f"all {N_CLOSE} messages published before close()")
+    return inbox.data("t")
+
+
+def test_what_was_published_before_close_is_delivered(backplane: Backplane) -> None:
+    """A hub that publishes and closes at once (a script's last words) loses nothing it had accepted."""
+    _, got = backplane.run(_publish_then_close, 2)
+    assert got == list(range(N_CLOSE))
+
+
 # --------------------------------------------------------------- 9. bad arguments at construction
 
 

@@ -290,11 +290,11 @@ class Session:
         while the backplane is down.
         """
         if not self._up:
-            self.lost += 1
+            self._lose(1)
             return
         dropped = self._outbox.put((channel, payload), self.options.publish_timeout)
         if dropped:
-            self.lost += dropped
+            self._lose(dropped)
             _ratelimited(
                 ("backplane-full", self.label), logging.WARNING,
                 "%s: the outgoing queue is full, dropped the %d oldest message(s) (%d lost so far)",
@@ -347,6 +347,12 @@ class Session:
 
     # -- state ----------------------------------------------------------------
 
+    def _lose(self, count: int) -> None:
+        """Count ``count`` messages that will never be sent (from any thread: exact)."""
+        if count:
+            with self._lock:
+                self.lost += count
+
     def _went_up(self) -> None:
         with self._lock:
             self._up = True
@@ -367,7 +373,7 @@ class Session:
             if first:
                 self.outages += 1
         self._ready.clear()
-        self.lost += self._outbox.clear()
+        self._lose(self._outbox.clear())
         if first and not self._closed.is_set():
             self._tell(False, exc)
 
@@ -483,12 +489,12 @@ class Session:
                 return
             sender = self._sender
             if sender is None or not self._up:
-                self.lost += len(batch)
+                self._lose(len(batch))
                 continue
             try:
                 sender.publish(batch, timeout)
             except Exception as exc:
-                self.lost += len(batch)
+                self._lose(len(batch))
                 with self._lock:
                     if self._sender is sender and self._fault is None:
                         self._fault = exc  # the reader tears the session down and reconnects
