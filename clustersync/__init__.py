@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .hub import Hub
 from .message import Address, DestinationUnreachable, Message
+from .sync.base import BusTransport, install_bus_connector
 from .topics import Subscription, SubscriptionClosed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +43,16 @@ _LAZY = {
     "notify_ready": "relay.worker",
     "listen_sockets": "runner.sockets",
 }
+
+
+def _connect_bus(path: str) -> BusTransport:
+    """``cluster(address=...)`` joins a bus through the relay's peer side, loaded on first use."""
+    from .relay.bus import connect
+
+    return connect(path)
+
+
+install_bus_connector(_connect_bus)  # the drivers know the relay only through this protocol
 
 
 def __getattr__(name: str) -> Any:

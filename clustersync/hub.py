@@ -138,6 +138,8 @@ class Hub:
                     driver.subscribe(self._on_remote, self._on_unreachable)
                 if "parts" in self._caps:
                     self._publish_parts = driver.publish_parts  # type: ignore[attr-defined]
+                if "address" in self._caps:  # the backplane says where this hub is (a bus peer's index)
+                    self.address = driver.address  # type: ignore[attr-defined]
                 if "limit" in self._caps:
                     # One limit: what this hub accepts, the backplane carries.
                     self.max_message = min(self.max_message, driver.max_message)  # type: ignore[attr-defined]

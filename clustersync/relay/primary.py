@@ -21,16 +21,17 @@ import socket
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .._log import logger
 from ..message import DEFAULT_MAX_MESSAGE, UPLINK_WORKER
 from .loop import Loop, start_thread
 from .router import Peer, Router
-from .wire import MAX_WORKERS, PING, PONG, READY, STOP, pack_frame
+from .wire import FIRST_PEER, MAX_WORKERS, PING, PONG, READY, STATS, STOP, pack_frame
 from .worker import bootstrap, current_worker
 
 if TYPE_CHECKING:
+    from .bus import BusListener
     from .uplink import Uplink, UplinkBridge
 
 __all__ = ["Primary", "WorkerHandle", "setup_primary_cluster", "DEFAULT_START_METHOD"]
@@ -107,7 +108,9 @@ class Primary:
     backplane URL (``redis://``, ``postgresql://``, ``nats://``...) or an
     :func:`~clustersync.relay.uplink.uplink`; the primary then bridges every
     channel between its workers and that backplane, over one connection
-    (see docs/beyond-one-host.md).
+    (see docs/beyond-one-host.md). ``listen``: a Unix socket path where
+    processes this primary did not start join its relay (mode 0600; the same
+    user, or ``allow_uids``/``allow_gids``, see docs/web-apps.md).
     """
 
     def __init__(
@@ -124,6 +127,9 @@ class Primary:
         stall_timeout: float = 0.5,
         thread: bool = True,
         uplink: "Union[str, Uplink, None]" = None,
+        listen: Optional[str] = None,
+        allow_uids: Sequence[int] = (),
+        allow_gids: Sequence[int] = (),
     ) -> None:
         if start_method not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"start_method must be 'fork', 'spawn' or 'forkserver', not {start_method!r}")
@@ -182,6 +188,17 @@ class Primary:
         self.on_worker_exit: Optional[Callable[[WorkerHandle], None]] = None
         #: Called on the loop when a worker sends READY.
         self.on_worker_ready: Optional[Callable[[WorkerHandle], None]] = None
+        #: The bus, when the primary listens on a Unix socket.
+        self.bus: "Optional[BusListener]" = None
+        if listen is not None:
+            from .bus import BusListener
+
+            self.router.on_gone = self._peer_gone
+            self.bus = BusListener(
+                self.loop, self.router, listen,
+                {"max_message": max_message, "out_limit": out_limit, "publish_block": publish_block},
+                allow_uids, allow_gids,
+            )
         #: The host uplink, when there is one.
         self.uplink: "Optional[UplinkBridge]" = None
         if spec is not None:
@@ -249,8 +266,8 @@ class Primary:
             raise TypeError("index must be an int")
         elif index in self._workers:
             raise ValueError(f"worker index {index} is in use")
-        if not 0 <= index < UPLINK_WORKER:
-            raise ValueError(f"worker index must be from 0 to {UPLINK_WORKER - 1}")
+        if not 0 <= index < FIRST_PEER:
+            raise ValueError(f"worker index must be from 0 to {FIRST_PEER - 1}")
         count = self.slots if self.slots is not None else max(len(self._workers), index) + 1
         parent, child = socket.socketpair()
         for sock in (parent, child):
@@ -306,10 +323,18 @@ class Primary:
         for name in names:
             self.loop.call_soon(functools.partial(self.router.release, name.encode()))
 
+    def _peer_gone(self, peer: Peer) -> None:
+        if self.bus is not None:
+            self.bus.gone(peer)
+
     def _on_control(self, peer: Peer, kind: int, chan: bytes, count: int) -> None:
-        if peer.index == UPLINK_WORKER:
-            return  # the uplink's hello
-        w: WorkerHandle = peer  # type: ignore[assignment]
+        if kind == STATS:
+            if self.bus is not None:
+                self.bus.answer_stats(peer, count, self._stats())
+            return
+        if not isinstance(peer, WorkerHandle):
+            return  # the uplink's or a bus peer's hello, or a READY: workers only
+        w = peer
         if kind == READY:
             if not w.ready:
                 w.ready = True
@@ -321,10 +346,11 @@ class Primary:
                 self._advance_stops()
 
     def _on_broken(self, peer: Peer, reason: str) -> None:
-        if peer.index == UPLINK_WORKER:
-            logger.error("the uplink sent %s: it is cut off", reason)
+        if not isinstance(peer, WorkerHandle):
+            what = "the uplink" if peer.index == UPLINK_WORKER else f"bus peer {peer.index} (pid {peer.pid})"
+            logger.error("%s sent %s: it is cut off; the others never see it", what, reason)
             return
-        w: WorkerHandle = peer  # type: ignore[assignment]
+        w = peer
         logger.error(
             "worker %d (pid %d) sent %s: it is cut off and stopped; the other workers never see it",
             w.index,
@@ -523,6 +549,8 @@ class Primary:
 
     def _shut(self) -> None:
         self._closed = True
+        if self.bus is not None:
+            self.bus.close()
         if self.uplink is not None:
             self.router.disconnect(self._uplink_peer)
         for w in list(self._workers.values()):
@@ -553,6 +581,7 @@ class Primary:
             "stalls": self.router.stalls,
             "channels": self.router.channels(),
             "uplink": self.uplink.stats() if self.uplink is not None else None,
+            "bus": self.bus.stats() if self.bus is not None else None,
         }
 
     def __enter__(self) -> "Primary":
@@ -639,7 +668,9 @@ def setup_primary_cluster(**options: Any) -> Optional[Primary]:
     see docs/drivers.md), ``workers``, ``max_buffer`` (32 MiB), ``max_message``
     (8 MiB), ``out_limit`` (32 MiB), ``publish_block`` (1.0 s),
     ``graceful_timeout`` (10 s), ``timeout`` (None), ``stall_timeout`` (0.5 s),
-    ``uplink`` (None: a backplane URL bridges every channel to other hosts).
+    ``uplink`` (None: a backplane URL bridges every channel to other hosts),
+    ``listen`` (None: a Unix socket path where other processes join the
+    relay), ``allow_uids``/``allow_gids`` (who else may join).
     The primary is closed at
     interpreter exit: its workers are stopped gracefully.
     """

@@ -158,6 +158,8 @@ class Router:
         self.malformed = 0
         #: Called with a channel whenever a peer joins or leaves it (the uplink follows the channels).
         self.on_routes: Optional[Callable[[bytes], Any]] = None
+        #: Called with a peer once it is disconnected (the primary forgets the bus's peers).
+        self.on_gone: Optional[Callable[[Peer], Any]] = None
         #: Channels whose ACKs wait (the uplink is subscribing them on the backplane): see :meth:`release`.
         self.holding: Set[bytes] = set()
         loop.after_turn(self.flush_dirty)
@@ -213,6 +215,8 @@ class Router:
         peer.sock.close()
         if self.peers.get(peer.index) is peer:
             del self.peers[peer.index]
+        if self.on_gone is not None:
+            self.on_gone(peer)
 
     def drain(self, peer: Peer) -> None:
         """Read and route everything ``peer`` has written so far."""

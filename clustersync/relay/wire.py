@@ -30,6 +30,10 @@ sends every worker on the channel a PRESENCE frame when an entry comes or
 goes, sends a worker that subscribes the whole table before its ACK, and
 withdraws a worker's entries the moment it is gone.
 
+A process the primary did not start joins its bus (a Unix socket) and is
+answered with HELLO, which gives it its index; from then on it is a worker
+like any other on the wire. STATS asks the primary for its counters.
+
 An UNREACHABLE frame tells a publishing hub that ``count`` of its addressed
 messages found nobody: its body is ``publisher hub id NUL [to hub id]``, its
 ``dest`` the publisher's worker and its ``origin`` the worker they were for.
@@ -48,6 +52,7 @@ __all__ = [
     "RUN",
     "BROADCAST",
     "MAX_WORKERS",
+    "FIRST_PEER",
     "DATA",
     "SUB",
     "UNSUB",
@@ -60,6 +65,9 @@ __all__ = [
     "ADVERT",
     "PRESENCE",
     "SYNC",
+    "HELLO",
+    "STATS",
+    "BUS_VERSION",
     "MAX_ADVERTS",
     "KINDS",
     "ProtocolError",
@@ -81,6 +89,8 @@ SIZE = struct.Struct("<I")
 HEADER_SIZE = HEADER.size
 BROADCAST = 0xFFFF
 MAX_WORKERS = 0xFFFE
+#: Worker indexes are below this; the processes that join a primary's bus get indexes from it up.
+FIRST_PEER = 0xC000
 
 # Frame kinds.
 DATA = 1  # worker -> primary -> workers: message records
@@ -95,7 +105,11 @@ UNREACHABLE = 9  # primary or worker -> worker: addressed messages of a hub ther
 ADVERT = 10  # worker -> primary: a hub here offers an entry (body: hub id NUL entry); count 1 on, 0 off
 PRESENCE = 11  # primary -> worker: an entry of worker ``origin`` came (count 1) or went (count 0)
 SYNC = 12  # worker -> primary -> the same worker: everything the primary queued for it before is delivered
-KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY, STOP, UNREACHABLE, ADVERT, PRESENCE, SYNC})
+HELLO = 13  # primary -> a peer that joined the bus: your index is ``dest``; ``count`` the version; body JSON settings
+STATS = 14  # peer -> primary: send your counters (``count`` numbers the request); primary -> peer: body JSON
+KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY, STOP, UNREACHABLE, ADVERT, PRESENCE, SYNC, HELLO, STATS})
+#: The bus protocol's version, in HELLO: a peer refuses a relay that speaks another.
+BUS_VERSION = 1
 
 #: The most entries one worker may advertise on one channel (more are refused and logged).
 MAX_ADVERTS = 4096

@@ -4,9 +4,10 @@
 the worker its signal handling (SIGTERM raises ``SystemExit(0)`` in the main
 thread, like Ctrl-C raises ``KeyboardInterrupt``; the signals the primary
 acts on are ignored), its log format, its listening sockets and its
-``sys.path``, then imports the app and calls it. The worker says it is
-ready once the callable has run for :data:`READY_AFTER` seconds, or earlier
-if the app calls :func:`clustersync.notify_ready`.
+``sys.path``, then imports the app and calls it, or serves it with uvicorn
+if it is an ASGI app (see :mod:`.interface`). The worker says it is ready
+once the callable has run for :data:`READY_AFTER` seconds, or earlier if the
+app calls :func:`clustersync.notify_ready`; an ASGI app, once uvicorn serves.
 
 Python runs signal handlers in the main thread only, between bytecodes. A
 main thread blocked on a lock or a sleep misses a signal that lands in
@@ -41,6 +42,7 @@ from .. import _log
 from ..relay.loop import blocked_signals
 from ..relay.worker import current_worker, notify_ready
 from . import sockets as _sockets
+from .interface import load_uvicorn, serve_asgi, uses_asgi
 
 __all__ = ["WorkerSpec", "AppLoadError", "split_app", "load_app", "run_app", "READY_AFTER"]
 
@@ -59,11 +61,14 @@ logger = logging.getLogger("clustersync")
 
 
 class WorkerSpec(NamedTuple):
-    """What a worker needs to run the app: ``app`` (``MODULE:CALLABLE``), extra ``paths``, ``log_level``."""
+    """What a worker needs to run the app: ``app`` (``MODULE:CALLABLE``), extra ``paths``, ``log_level``,
+    the ``interface`` (``auto``, ``asgi`` or ``call``) and, for uvicorn, the ``graceful_timeout``."""
 
     app: str
     paths: Tuple[str, ...]
     log_level: str
+    interface: str = "auto"
+    graceful_timeout: float = 30.0
 
 
 class AppLoadError(Exception):
@@ -207,15 +212,37 @@ def run_app(spec: WorkerSpec, listen: Sequence[socket.socket], report: socket.so
     report.setblocking(False)
     try:
         app = load_app(spec.app)
+        asgi = uses_asgi(app, spec.interface)
+        if asgi:
+            try:
+                uvicorn = load_uvicorn()
+            except ImportError as exc:
+                raise AppLoadError(str(exc)) from None
+            if not listen:
+                raise AppLoadError(
+                    f"{spec.app} is an ASGI app and there is no socket to serve it on: "
+                    "give --bind HOST:PORT (or --interface call to call it instead)"
+                )
     except AppLoadError as exc:
         _report(report, "load", str(exc), exc.details)
         raise SystemExit(LOAD_FAILED) from None
     returned = threading.Event()
-    _blocked_thread(_ready_after, returned, name="clustersync-ready")
+    if not asgi:  # an ASGI app is ready once uvicorn serves
+        _blocked_thread(_ready_after, returned, name="clustersync-ready")
     try:
-        result = app()
-        if inspect.iscoroutine(result):
-            asyncio.run(result)
+        if asgi:
+            serve_asgi(
+                app,
+                listen,
+                graceful_timeout=spec.graceful_timeout,
+                log_level=spec.log_level,
+                on_started=notify_ready,
+                uvicorn=uvicorn,
+            )
+        else:
+            result = app()
+            if inspect.iscoroutine(result):
+                asyncio.run(result)
     except SystemExit:
         raise
     except BaseException as exc:

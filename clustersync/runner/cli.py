@@ -13,6 +13,7 @@ from .boot import split_app
 from .sockets import parse_address
 from .supervisor import RESTART_POLICIES, RunConfig, Supervisor
 from .supervisor import MAX_RUN_WORKERS
+from .interface import INTERFACES
 
 __all__ = ["main", "build_parser", "config_from_args", "ENV"]
 
@@ -28,6 +29,9 @@ ENV = {
     "log_level": "CLUSTERSYNC_LOG_LEVEL",
     "app_dir": "CLUSTERSYNC_APP_DIR",
     "uplink": "CLUSTERSYNC_UPLINK",
+    "bus": "CLUSTERSYNC_BUS",
+    "interface": "CLUSTERSYNC_INTERFACE",
+    "reload": "CLUSTERSYNC_RELOAD",
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -38,14 +42,18 @@ Start N worker processes; each imports MODULE (the current directory and
 --app-dir are on sys.path) and calls CALLABLE with no arguments (a coroutine
 it returns is run with asyncio.run). In a worker, clustersync.current_worker()
 gives its index and the worker count, clustersync.listen_sockets() the sockets
-of --bind, and Hub(sync=cluster(channel=...)) reaches every other worker.
+of --bind, and Hub(sync=cluster(channel=...)) reaches every other worker. An
+ASGI app (Starlette, FastAPI...; see --interface) is served with uvicorn on the
+--bind sockets instead, and gets its hub with clustersync.asgi.hub() in its
+lifespan.
 
 A worker is ready once CALLABLE has run for 1 s, or when it calls
-clustersync.notify_ready(). A crashed worker is replaced under the same index,
-after a delay that doubles with each crash in a row (0.1 s, 0.2 s, ... 10 s;
-back to 0.1 s once a worker stayed up 10 s). A worker that fails before it is
-ready on the first start, or 5 times in a row, stops the command (status 3):
-a module that does not import or a missing CALLABLE is reported in one line.
+clustersync.notify_ready() (an ASGI app: once uvicorn serves). A crashed
+worker is replaced under the same index, after a delay that doubles with each
+crash in a row (0.1 s, 0.2 s, ... 10 s; back to 0.1 s once a worker stayed up
+10 s). A worker that fails before it is ready on the first start, or 5 times
+in a row, stops the command (status 3): a module that does not import or a
+missing CALLABLE is reported in one line.
 """
 
 RUN_EPILOG = """\
@@ -59,6 +67,8 @@ environment variables (an option on the command line wins):
   CLUSTERSYNC_START_METHOD      --start-method
   CLUSTERSYNC_LOG_LEVEL         --log-level
   CLUSTERSYNC_APP_DIR           --app-dir
+  CLUSTERSYNC_INTERFACE         --interface
+  CLUSTERSYNC_RELOAD            --reload (1/true/yes or 0/false/no)
   Inside a worker, CLUSTERSYNC_WORKER_ID and CLUSTERSYNC_WORKERS hold its index
   and the worker count (they are outputs, not options).
 
@@ -83,6 +93,7 @@ exit status:
 
 example:
   python -m clustersync run examples.chat:main -w 4 --bind 127.0.0.1:8000
+  python -m clustersync run examples.chat_asgi:app -w 4 --bind 127.0.0.1:8000
 """
 
 
@@ -225,7 +236,88 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug, info (default), warning, error or critical; each line names the worker and pid",
     )
     run.add_argument("--app-dir", metavar="DIR", help="look for MODULE in DIR too (before the current directory)")
+    run.add_argument(
+        "--interface",
+        type=_choice(INTERFACES),
+        metavar="{" + ",".join(INTERFACES) + "}",
+        help="asgi: serve CALLABLE, an ASGI app, with uvicorn on the --bind sockets "
+        '(pip install "clustersync[asgi]"). call: call it. auto (default): asgi for a coroutine function, '
+        "or an object whose __call__ is one, that takes (scope, receive, send) (Starlette, FastAPI...); "
+        "call for anything else",
+    )
+    run.add_argument(
+        "--reload",
+        action="store_const",
+        const=True,
+        help="for development: restart the workers, one at a time, when a .py file under --app-dir "
+        "(or the current directory) changes; a worker that fails to start waits for the next change",
+    )
+    run.add_argument(
+        "--bus",
+        metavar="PATH",
+        help="also listen on this Unix socket (mode 0600), where processes this command did not start "
+        "join the relay with cluster(channel=..., address=PATH) or CLUSTERSYNC_BUS=PATH",
+    )
+    _bus_commands(commands)
     return parser
+
+
+def _uid(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a numeric id") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"an id is 0 or more, not {text}")
+    return value
+
+
+def _bus_commands(commands: Any) -> None:
+    """``relay``, ``publish`` and ``stats``: the bus from outside ``run``."""
+    relay = commands.add_parser(
+        "relay",
+        help="relay between processes that join a Unix socket (no workers of its own)",
+        description="Relay between processes this command did not start (gunicorn or uvicorn workers, "
+        "cron jobs, shells): each joins with cluster(channel=..., address=PATH) or CLUSTERSYNC_BUS=PATH. "
+        "Stops on SIGINT or SIGTERM.",
+    )
+    relay.set_defaults(command_parser=relay)
+    relay.add_argument("--bus", metavar="PATH", help="the socket to create, mode 0600 (default: $CLUSTERSYNC_BUS)")
+    relay.add_argument("--allow-uid", type=_uid, action="append", default=[], metavar="UID",
+                       help="let this user join too (repeatable); the relay's own user always may")
+    relay.add_argument("--allow-gid", type=_uid, action="append", default=[], metavar="GID",
+                       help="let processes of this group join (repeatable); the socket's mode must let them reach it")
+    relay.add_argument("--uplink", metavar="URL", help="bridge every channel to other hosts (see clustersync run --help)")
+    relay.add_argument("--log-level", type=_choice(LOG_LEVELS), default="info", metavar="LEVEL")
+    publish = commands.add_parser(
+        "publish",
+        help="publish one message on a bus from a shell",
+        description="Publish DATA (JSON, or - to read it from standard input) on TOPIC to every hub on CHANNEL.",
+    )
+    publish.set_defaults(command_parser=publish)
+    publish.add_argument("--bus", metavar="PATH", help="the relay's socket (default: $CLUSTERSYNC_BUS)")
+    publish.add_argument("--channel", required=True, help="the channel, as in cluster(channel=...)")
+    publish.add_argument("--namespace", default="", help="the hubs' namespace (default: none)")
+    publish.add_argument("topic", metavar="TOPIC")
+    publish.add_argument("data", metavar="DATA", help="a JSON value ('\"text\"', 42, '{\"a\": 1}'), or - for standard input")
+    stats = commands.add_parser("stats", help="print a relay's counters as JSON")
+    stats.set_defaults(command_parser=stats)
+    stats.add_argument("--bus", metavar="PATH", help="the relay's socket (default: $CLUSTERSYNC_BUS)")
+
+
+def _bus_main(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from . import bus
+
+    path: str = args.bus or environ.get(ENV["bus"]) or ""
+    if not path:
+        args.command_parser.error(f"--bus PATH is needed (or {ENV['bus']})")
+    if args.command == "relay":
+        _log.configure(args.log_level, "relay")
+        return bus.run_relay(path, allow_uids=args.allow_uid, allow_gids=args.allow_gid, uplink=args.uplink)
+    _log.configure("warning", args.command)
+    if args.command == "publish":
+        return bus.publish(path, args.channel, args.topic, args.data, namespace=args.namespace)
+    return bus.print_stats(path)
 
 
 def config_from_args(
@@ -250,6 +342,9 @@ def config_from_args(
     except ValueError as exc:
         parser.error(str(exc))
     uplink = pick("uplink", str, None) or None
+    interface = pick("interface", _choice(INTERFACES), "auto")
+    if interface == "asgi" and not pick("bind", _binds, []):
+        parser.error("--interface asgi needs a socket to serve on: give --bind HOST:PORT")
     if uplink is not None:
         from ..relay.uplink import uplink as check_uplink
 
@@ -269,6 +364,9 @@ def config_from_args(
         log_level=pick("log_level", _choice(LOG_LEVELS), "info"),
         app_dir=pick("app_dir", str, None),
         uplink=uplink,
+        bus=pick("bus", str, None) or None,
+        interface=interface,
+        reload=bool(pick("reload", _flag, False)),
     )
 
 
@@ -279,6 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command != "run":
+        return _bus_main(args, os.environ)
     config = config_from_args(args, args.command_parser, os.environ)
     _log.configure(config.log_level, "primary")
     return Supervisor(config).run()

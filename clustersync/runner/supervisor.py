@@ -32,6 +32,8 @@ from ..relay.loop import blocked_signals
 from .boot import MAX_REPORT, SIGNALS as WORKER_SIGNALS, WorkerSpec, run_app
 from ..relay.primary import Primary, WorkerHandle
 from .sockets import Address, bind, describe, parse_address, with_port
+from .interface import MISSING_UVICORN, uvicorn_missing
+from .reload import POLL as RELOAD_POLL, Watcher, describe_changes
 
 __all__ = ["RunConfig", "Supervisor", "Backoff", "describe_exit", "exit_status", "RESTART_POLICIES"]
 
@@ -76,6 +78,9 @@ class RunConfig:
     log_level: str = "info"
     app_dir: Optional[str] = None
     uplink: Optional[str] = None
+    bus: Optional[str] = None
+    interface: str = "auto"  # auto, asgi or call: see runner/interface.py
+    reload: bool = False  # rolling restart when a .py file under app_dir (or the cwd) changes
 
 
 class Backoff:
@@ -147,7 +152,8 @@ class Supervisor:
         paths = [os.getcwd()]
         if config.app_dir:
             paths.insert(0, os.path.abspath(config.app_dir))
-        self.spec = WorkerSpec(config.app, tuple(paths), config.log_level)
+        self.spec = WorkerSpec(config.app, tuple(paths), config.log_level, config.interface, config.graceful_timeout)
+        self._watcher: Optional[Watcher] = None  # --reload
         self.primary: Optional[Primary] = None
         self.slots: Dict[int, Slot] = {}
         self.target = config.workers
@@ -178,6 +184,9 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until done; return the command's exit status."""
         cfg = self.config
+        if cfg.interface == "asgi" and uvicorn_missing():
+            logger.error("%s", MISSING_UVICORN)
+            return EXIT_BOOT
         try:
             self._open_listeners()
         except OSError as exc:
@@ -193,8 +202,9 @@ class Supervisor:
                 timeout=cfg.timeout,
                 thread=False,
                 uplink=cfg.uplink,
+                listen=cfg.bus,
             )
-        except (ValueError, ImportError) as exc:
+        except (OSError, ValueError, ImportError) as exc:
             logger.error("%s", exc)
             self._close_listeners()
             return EXIT_KILLED
@@ -202,6 +212,8 @@ class Supervisor:
         primary.on_worker_exit = self._on_exit
         primary.on_worker_ready = self._on_ready
         primary.loop.after_turn(lambda: self._tick(time.monotonic()))
+        if cfg.reload:
+            self._watch_files()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
         try:
             logger.info(
@@ -511,6 +523,9 @@ class Supervisor:
 
     def _failed_before_ready(self, slot: Slot, message: str, details: str, uptime: float) -> None:
         slot.boot_failures += 1
+        if self.config.reload:  # development: wait for the fix (the next change) instead of stopping
+            logger.error("%s; waiting for a file to change (--reload)%s", message, _tail(details))
+            return
         if slot.initial and slot.starts <= 1:  # the first start: the app cannot boot
             self._fail(message, details)
         elif slot.boot_failures >= MAX_BOOT_FAILURES:
@@ -621,6 +636,30 @@ class Supervisor:
         for s in self.slots.values():
             s.generation = self.generation
         self._end_reload(f"rolling restart abandoned: {why}; the running workers keep their code")
+
+    # -- --reload ------------------------------------------------------------------
+
+    def _watch_files(self) -> None:
+        """--reload: look at the app's .py files every RELOAD_POLL seconds, on the loop."""
+        assert self.primary is not None
+        self._watcher = Watcher(self.config.app_dir or os.getcwd())
+        logger.info("--reload: watching %d .py files under %s", len(self._watcher), self._watcher.root)
+        self.primary.loop.call_later(RELOAD_POLL, self._poll_files)
+
+    def _poll_files(self) -> None:
+        assert self.primary is not None and self._watcher is not None
+        if self._stopping:
+            return
+        changed = self._watcher.changed()
+        if changed:
+            logger.info("--reload: %s: rolling restart", describe_changes(self._watcher.root, changed))
+            now = time.monotonic()
+            for slot in self.slots.values():
+                if slot.handle is None and slot.restart_at is None and not slot.done:
+                    slot.restart_at = now  # it failed before ready and waits for a fix: try the new code
+            self.generation += 1
+            self._reloading = True
+        self.primary.loop.call_later(RELOAD_POLL, self._poll_files)
 
     # -- signals -----------------------------------------------------------------
 

@@ -263,6 +263,7 @@ class Session:
         self._up = False
         self._down_reported = False  # the current outage has been told
         self._fault: Optional[BaseException] = None
+        self._closing = False
         self._closed = threading.Event()
         self._ready = threading.Event()
         self.published = 0
@@ -335,14 +336,18 @@ class Session:
         }
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop both threads, close both connections. Safe to call twice."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._outbox.close()
-        for thread in (self._writer, self._reader):
-            if thread is not threading.current_thread():
-                thread.join(timeout)
+        """Send what is queued (while the backplane is up, within ``timeout``), then stop both threads and
+        close both connections. Safe to call twice."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._outbox.close()  # the writer sends what is queued, then ends
+        if self._writer is not threading.current_thread():
+            self._writer.join(timeout)
+        self._closed.set()  # only now may the reader close the sender's connection
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout)
         self.backend.close()
 
     # -- state ----------------------------------------------------------------

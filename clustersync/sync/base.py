@@ -18,6 +18,9 @@ set and never probes with ``hasattr``:
   ``ValueError`` in ``publish``;
 - ``"state"``: :class:`State`, ``watch_state(fn)``: ``fn(up, exc)`` once when
   the backplane is lost and once when it is back (the network drivers);
+- ``"address"``: :class:`HasAddress`, ``address``: the hub's address on this
+  backplane, read by the hub once subscribed (a process that joins a
+  primary's bus gets its worker index from the relay);
 - ``"presence"``: :class:`Presence`, a table of entries that hubs on the
   channel advertise (``advertise(entry, on)``), withdrawn the moment their
   hub or worker is gone, watched with ``watch(fn)``: what services are built on.
@@ -53,6 +56,10 @@ __all__ = [
     "Presence",
     "PresenceWatcher",
     "State",
+    "HasAddress",
+    "BusTransport",
+    "bus_transport",
+    "install_bus_connector",
     "tell_watcher",
     "CAPABILITIES",
     "ClusterTransport",
@@ -69,7 +76,7 @@ DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "state"})
+CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "state", "address"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
@@ -142,6 +149,13 @@ class Limit(Protocol):
 
     #: The largest encoded message (tag byte and payload) the backplane carries.
     max_message: int
+
+
+class HasAddress(Protocol):
+    """Capability ``"address"``."""
+
+    #: The hub's address on this backplane, once subscribed.
+    address: Address
 
 
 class State(Protocol):
@@ -234,3 +248,28 @@ def cluster_transport() -> Optional[ClusterTransport]:
     if t is not None and t.pid != os.getpid():
         return None
     return t
+
+
+class BusTransport(ClusterTransport, Protocol):
+    """A process's end of a primary's bus: a :class:`ClusterTransport` that can go away."""
+
+    path: str
+
+    def watch_state(self, fn: Callable[[bool, Optional[BaseException]], Any]) -> Callable[[], None]:
+        """Call ``fn(False, exc)`` when the relay goes away; return the function that stops it."""
+
+
+_bus_connector: Optional[Callable[[str], BusTransport]] = None
+
+
+def install_bus_connector(connect: Callable[[str], BusTransport]) -> None:
+    """Set how ``cluster(address=...)`` joins a bus (the package installs the relay's ``connect``)."""
+    global _bus_connector
+    _bus_connector = connect
+
+
+def bus_transport(path: str) -> BusTransport:
+    """This process's end of the bus at ``path`` (connecting on first use)."""
+    if _bus_connector is None:
+        raise RuntimeError("no bus connector is installed (import clustersync first)")
+    return _bus_connector(path)

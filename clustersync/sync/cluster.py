@@ -10,16 +10,19 @@ pipe, then to the one hub there. Outside such a worker, ``subscribe`` raises
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ..message import UPLINK_WORKER, Address, Destination, Message, check_channel
 from .base import (
+    BusTransport,
     ClusterTransport,
     Deliver,
     DeliverBatch,
     DriverFactory,
     OnUnreachable,
     PresenceWatcher,
+    bus_transport,
     cluster_transport,
     one_by_one,
 )
@@ -31,22 +34,30 @@ _BROADCAST = 0xFFFF
 _MAX_WORKERS = 0xFFFE
 
 _NOT_A_WORKER = (
-    "cluster() sync works only in a worker started by a clustersync primary: call "
-    "setup_primary_cluster() in the primary process and start workers with primary.fork(...) "
-    "(or run the app with `python -m clustersync run`)"
+    "cluster() sync works in a worker started by a clustersync primary (setup_primary_cluster() and "
+    "primary.fork(...), or `python -m clustersync run`), or in any process given the path of a "
+    "primary's bus: cluster(channel=..., address=PATH) or CLUSTERSYNC_BUS=PATH"
 )
 
 
+_CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence"})
+#: The environment variable that names the bus a process outside the workers joins.
+BUS_ENV = "CLUSTERSYNC_BUS"
+
+
 class ClusterDriver:
-    """One hub's membership of a channel on the primary's relay."""
+    """One hub's membership of a channel on the primary's relay (as a worker, or a process on its bus)."""
 
     #: The driver's name (``Hub.sync_type``).
     name = "cluster"
-    capabilities: FrozenSet[str] = frozenset({"batch", "parts", "ready", "stats", "limit", "presence"})
 
-    def __init__(self, address: Address, channel: str) -> None:
+    def __init__(self, address: Address, channel: str, bus: Optional[str] = None) -> None:
         self.address = address
         self.channel = channel
+        #: The bus path this hub joins, or None in a worker.
+        self.bus = bus
+        self.capabilities: FrozenSet[str] = _CAPABILITIES | {"address", "state"} if bus else _CAPABILITIES
+        self._on_state: Optional[Callable[[bool, Optional[BaseException]], Any]] = None
         self._hid = address.hub.encode()
         self._chan = channel.encode()
         self._link: Optional[ClusterTransport] = None
@@ -61,11 +72,27 @@ class ClusterDriver:
 
     def subscribe_batch(self, deliver_batch: DeliverBatch, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel, taking messages a run at a time: ``deliver_batch(namespace, topic, origin, datas)``."""
-        link = cluster_transport()
+        link: Optional[ClusterTransport]
+        if self.bus is not None:
+            bus: BusTransport = bus_transport(self.bus)
+            self.address = Address(bus.index, self.address.hub)
+            self._unwatch.append(bus.watch_state(self._state))
+            link = bus
+        else:
+            link = cluster_transport()
         if link is None:
             raise RuntimeError(_NOT_A_WORKER)
         self._seq = link.add_member(self._chan, self._hid, deliver_batch, on_unreachable)
         self._link = link
+
+    def watch_state(self, fn: Callable[[bool, Optional[BaseException]], Any]) -> None:
+        """Capability ``"state"`` (on a bus): ``fn(False, exc)`` once the relay goes away."""
+        self._on_state = fn
+
+    def _state(self, up: bool, exc: Optional[BaseException]) -> None:
+        fn = self._on_state
+        if fn is not None:
+            fn(up, exc)
 
     @property
     def max_message(self) -> int:
@@ -159,11 +186,24 @@ class ClusterDriver:
             link.remove_member(self._chan, self._hid)
 
 
-def cluster(*, channel: str) -> DriverFactory:
-    """A driver factory joining hubs of all workers of this primary on ``channel``."""
-    check_channel(channel)
+def cluster(*, channel: str, address: Optional[str] = None) -> DriverFactory:
+    """A driver factory joining hubs of all workers of this primary on ``channel``.
 
-    def factory(address: Address) -> ClusterDriver:
-        return ClusterDriver(address, channel)
+    In a worker of a primary, the hub joins that primary's relay. Elsewhere,
+    ``address`` (or the ``CLUSTERSYNC_BUS`` environment variable) names the
+    Unix socket of a primary's bus (``setup_primary_cluster(listen=...)``,
+    ``clustersync relay --bus PATH``), and the hub joins through it as a
+    peer: a gunicorn or uvicorn worker, a cron job, a shell. ``address``
+    given in a worker joins that bus instead of the worker's own relay.
+    """
+    check_channel(channel)
+    if address is not None and (not isinstance(address, str) or not address):
+        raise ValueError(f"address must be the path of a bus socket, not {address!r}")
+
+    def factory(hub_address: Address) -> ClusterDriver:
+        path = address
+        if path is None and cluster_transport() is None:
+            path = os.environ.get(BUS_ENV) or None
+        return ClusterDriver(hub_address, channel, path)
 
     return factory
