@@ -13,20 +13,23 @@ The one idiom, for Starlette (FastAPI takes the same ``lifespan``)::
     app = Starlette(routes=..., lifespan=lifespan)
 
 Under ``clustersync run`` the hub reaches the hubs of every worker on the
-channel (the ``cluster`` driver); anywhere else (``uvicorn app:app``, a test
-client) it reaches the hubs of this process (``broadcast_channel``), so the
-same app runs alone, unchanged.
+channel (the ``cluster`` driver), and so it does in a process that joins a
+primary's bus (``CLUSTERSYNC_BUS`` set: a gunicorn or uvicorn worker);
+anywhere else (``uvicorn app:app``, a test client) it reaches the hubs of
+this process (``broadcast_channel``), so the same app runs alone, unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from typing import Any, AsyncIterator, Optional
 
 from .hub import Hub
 from .sync import broadcast_channel, cluster
 from .sync.base import DriverFactory
+from .sync.cluster import BUS_ENV
 
 __all__ = ["hub", "default_sync"]
 
@@ -35,10 +38,11 @@ READY_TIMEOUT = 10.0
 
 
 def default_sync(channel: str) -> DriverFactory:
-    """``cluster(channel=...)`` in a worker of ``clustersync run``, ``broadcast_channel(channel=...)`` elsewhere."""
+    """``cluster(channel=...)`` in a worker of ``clustersync run`` or with ``CLUSTERSYNC_BUS`` set,
+    ``broadcast_channel(channel=...)`` elsewhere."""
     from .relay.worker import current_worker  # the relay is loaded only when it is asked about
 
-    if current_worker() is not None:
+    if current_worker() is not None or os.environ.get(BUS_ENV):
         return cluster(channel=channel)
     return broadcast_channel(channel=channel)
 

@@ -460,6 +460,8 @@ class Primary:
             self._stop_groups.append((asked, deadline))
             self.loop.call_at(deadline, self._advance_stops)
             self._advance_stops()
+            # Called after a turn's flush (the runner's tick), the pings would wait for the next turn: turn now.
+            self.loop.wake()
 
     def _advance_stops(self) -> None:
         now = time.monotonic()

@@ -69,6 +69,8 @@ environment variables (an option on the command line wins):
   CLUSTERSYNC_APP_DIR           --app-dir
   CLUSTERSYNC_INTERFACE         --interface
   CLUSTERSYNC_RELOAD            --reload (1/true/yes or 0/false/no)
+  CLUSTERSYNC_UPLINK            --uplink
+  CLUSTERSYNC_BUS               --bus
   Inside a worker, CLUSTERSYNC_WORKER_ID and CLUSTERSYNC_WORKERS hold its index
   and the worker count (they are outputs, not options).
 

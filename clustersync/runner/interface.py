@@ -14,6 +14,7 @@ only; the primary merely checks that it can be found.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import inspect
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 INTERFACES = ("auto", "asgi", "call")
+#: Seconds a stopping worker lets connections it has just accepted send their request.
+ACCEPT_GRACE = 0.2
 #: The one line printed when uvicorn is needed and missing.
 MISSING_UVICORN = 'serving an ASGI app needs uvicorn, which is not installed: pip install "clustersync[asgi]"'
 
@@ -120,7 +123,7 @@ def serve_asgi(
         interface="asgi3",
         log_config=None,  # uvicorn's loggers propagate to the root logger: the runner's format
         log_level=log_level,
-        timeout_graceful_shutdown=shutdown_timeout(graceful_timeout),  # type: ignore[arg-type]
+        timeout_graceful_shutdown=shutdown_timeout(graceful_timeout),
     )
 
     class Server(uv.Server):  # type: ignore[name-defined,misc]
@@ -128,6 +131,15 @@ def serve_asgi(
             await super().startup(sockets=sockets)
             if self.started:
                 on_started()
+
+        async def shutdown(self, sockets: Optional[Sequence[socket.socket]] = None) -> None:
+            # Stop accepting first, then let the connections accepted just now send their request:
+            # uvicorn closes a connection with no request under way at once, and the client would
+            # see it reset (the other workers take the new connections on the shared socket).
+            for server in getattr(self, "servers", ()):
+                server.close()
+            await asyncio.sleep(ACCEPT_GRACE)
+            await super().shutdown(sockets=sockets)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

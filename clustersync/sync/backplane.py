@@ -303,12 +303,14 @@ class Session:
             )
 
     def add_channel(self, channel: str) -> None:
-        """Subscribe to one more channel (applied by the reader within a quarter of a second; :attr:`on_subscribed` tells when)."""
+        """Subscribe to one more channel.
+
+        The reader applies it within a quarter of a second; :attr:`on_subscribed` tells when.
+        """
         with self._lock:
             if channel not in self._channels:
                 self._channels.add(channel)
                 self._changes.append((True, channel))
-
 
     def remove_channel(self, channel: str) -> None:
         """Stop receiving ``channel``."""
@@ -316,7 +318,6 @@ class Session:
             if channel in self._channels:
                 self._channels.discard(channel)
                 self._changes.append((False, channel))
-
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """Wait until connected and subscribed; True if so."""
