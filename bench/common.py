@@ -656,12 +656,14 @@ class RunFailed(Exception):
     pass
 
 
-def run_isolated(fn, args: tuple, hard_timeout: float):
+def run_isolated(fn, args: tuple, hard_timeout: float, reap_wait: float = 2.0):
     """Run ``fn(*args)`` in a forked child that leads a new process group.
 
     Returns what ``fn`` returned (it must be picklable).  Whatever happens -- success,
     exception, hang past ``hard_timeout`` -- every process of that group is SIGKILLed
-    before this returns, so no process of the run is left behind.
+    before this returns, so no process of the run is left behind.  ``reap_wait``: how
+    long to reap orphans afterwards (see ``reap_orphans``; a caller with children of
+    its own that outlive the run, such as servers, waits that long every time).
     """
     rfd, wfd = os.pipe()
     pid = os.fork()
@@ -737,7 +739,7 @@ def run_isolated(fn, args: tuple, hard_timeout: float):
         except ChildProcessError:
             pass
         os.close(rfd)
-        reap_orphans()
+        reap_orphans(reap_wait)
     if timed_out:
         raise RunFailed("run exceeded its hard deadline of %.0f s and was killed" % hard_timeout)
     if need is None or len(buf) < need:

@@ -335,6 +335,8 @@ class Hub:
         if not up and exc is not None:
             self._report(exc, "subscribe")
         fn = self.on_backplane
+        if fn is None and up:
+            logger.warning("hub %s: the %s backplane is back", self.address, self._sync_type)
         if fn is not None:
             try:
                 fn(up)

@@ -368,7 +368,6 @@ class Session:
                 self.reconnects += 1
         self._ready.set()
         if was_down:
-            logger.warning("%s: the backplane is back", self.label)
             self._tell(True, None)
 
     def _went_down(self, exc: BaseException) -> None:
@@ -386,7 +385,9 @@ class Session:
     def _tell(self, up: bool, exc: Optional[BaseException]) -> None:
         fn = self.on_state
         if fn is None:
-            if not up:
+            if up:
+                logger.warning("%s: the backplane is back", self.label)
+            else:
                 logger.error("%s: the backplane is down: %s", self.label, exc)
             return
         try:
@@ -554,7 +555,9 @@ class BackplaneDriver:
                 down.__cause__ = exc
                 exc = down
             fn(up, exc)
-        elif not up:
+        elif up:
+            logger.warning("%s %r: the backplane is back", self.name, self.channel)
+        else:
             logger.error("%s %r: the backplane is down: %s", self.name, self.channel, exc)
 
     def _on_message(self, channel: str, payload: bytes) -> None:

@@ -33,15 +33,32 @@ def redis_module() -> Any:
 
 
 class _Listener:
-    """A subscriber connection: SUBSCRIBE, then messages and PONGs as they come."""
+    """A subscriber connection: SUBSCRIBE, then messages and PONGs as they come.
 
-    def __init__(self, client: Any) -> None:
+    It waits for the socket itself and only then reads one message with the
+    whole ``read_timeout``: redis-py 8 applies ``get_message``'s timeout to
+    the rest of a message already begun, so a short timeout would break a
+    message split across reads.
+    """
+
+    def __init__(self, client: Any, read_timeout: float) -> None:
         self.client = client
+        self.read_timeout = read_timeout
         self.pubsub = client.pubsub()
         self.pending: List[Tuple[str, bytes]] = []
 
+    def _readable(self, timeout: float) -> bool:
+        connection = self.pubsub.connection
+        if connection is None:  # nothing subscribed yet: nothing can come
+            if timeout > 0:
+                time.sleep(timeout)
+            return False
+        return bool(connection.can_read(timeout=timeout))
+
     def _next(self, timeout: float) -> Optional[Dict[str, Any]]:
-        message: Optional[Dict[str, Any]] = self.pubsub.get_message(timeout=timeout)
+        if not self._readable(timeout):
+            return None
+        message: Optional[Dict[str, Any]] = self.pubsub.get_message(timeout=self.read_timeout)
         return message
 
     def _until(self, done: Any, timeout: float, what: str) -> None:
@@ -153,7 +170,7 @@ class RedisBackend:
 
     def open_listener(self, timeout: float) -> _Listener:
         client = self._client(timeout)
-        listener = _Listener(client)
+        listener = _Listener(client, max(timeout, 0.1))
         try:
             listener.ping(timeout)  # connects, and proves the server answers
         except BaseException:
