@@ -200,8 +200,8 @@ class UplinkBridge:
                     continue
             address = Address(worker, origin)
             for data in datas:
-                session.publish(name, pack(node, address, ns, topic, data, dest))
-            self.forwarded += len(datas)
+                if session.publish(name, pack(node, address, ns, topic, data, dest)):
+                    self.forwarded += 1
 
     # -- backplane -> relay ---------------------------------------------------------
 

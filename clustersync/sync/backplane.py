@@ -269,6 +269,8 @@ class Session:
         self.published = 0
         self.received = 0
         self.lost = 0
+        #: Messages over the server's limit, dropped before they were queued.
+        self.too_big = 0
         self.outages = 0
         self.reconnects = 0
         self._reader = threading.Thread(target=self._read_loop, name=f"clustersync-{self.label}-reader", daemon=True)
@@ -283,16 +285,26 @@ class Session:
         """True while connected and subscribed."""
         return self._up
 
-    def publish(self, channel: str, payload: bytes) -> None:
+    def publish(self, channel: str, payload: bytes) -> bool:
         """Queue ``payload`` for ``channel``.
 
         When the queue is full, waits up to ``publish_timeout`` for room, then
         drops the oldest (counted as lost). Dropped at once, and counted,
-        while the backplane is down.
+        while the backplane is down. Returns True if the message was queued.
         """
         if not self._up:
             self._lose(1)
-            return
+            return False
+        if len(payload) > self.backend.max_payload:
+            # The server would refuse it and drop the connection: it alone is dropped, and counted.
+            with self._lock:
+                self.too_big += 1
+            _ratelimited(
+                ("backplane-too-big", self.label), logging.ERROR,
+                "%s: dropped a message of %d bytes, over the server's limit of %d (%d so far)",
+                self.label, len(payload), self.backend.max_payload, self.too_big,
+            )
+            return False
         dropped = self._outbox.put((channel, payload), self.options.publish_timeout)
         if dropped:
             self._lose(dropped)
@@ -301,6 +313,7 @@ class Session:
                 "%s: the outgoing queue is full, dropped the %d oldest message(s) (%d lost so far)",
                 self.label, dropped, self.lost,
             )
+        return True
 
     def add_channel(self, channel: str) -> None:
         """Subscribe to one more channel.
@@ -331,6 +344,7 @@ class Session:
             "published": self.published,
             "received": self.received,
             "lost": self.lost,
+            "too_big": self.too_big,
             "outages": self.outages,
             "reconnects": self.reconnects,
             "queued": len(self._outbox.items),
