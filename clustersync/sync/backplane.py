@@ -517,9 +517,11 @@ class Session:
             except Exception as exc:
                 self._lose(len(batch))
                 with self._lock:
-                    if self._sender is sender and self._fault is None:
+                    current = self._sender is sender  # not a connection the reader has already replaced
+                    if current and self._fault is None:
                         self._fault = exc  # the reader tears the session down and reconnects
-                self._went_down(exc)
+                if current:
+                    self._went_down(exc)
             else:
                 self.published += len(batch)
 

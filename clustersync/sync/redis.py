@@ -112,10 +112,7 @@ class _Listener:
             self.pubsub.close()
         except Exception:
             pass
-        try:
-            self.client.close()
-        except Exception:
-            pass
+        _disconnect(self.client)
 
 
 class _Sender:
@@ -131,10 +128,16 @@ class _Sender:
         pipe.execute()
 
     def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception:
-            pass
+        _disconnect(self.client)
+
+
+def _disconnect(client: Any) -> None:
+    """Close the client's sockets now (the pool is the driver's own: closing the client alone leaves them open)."""
+    try:
+        client.close()
+        client.connection_pool.disconnect()
+    except Exception:
+        pass
 
 
 class RedisBackend:
