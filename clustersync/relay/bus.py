@@ -4,7 +4,9 @@ The primary's side is :class:`BusListener`
 (``setup_primary_cluster(listen="/run/app/bus.sock")``,
 ``clustersync run --bus PATH``, ``clustersync relay --bus PATH``):
 
-- The socket is created with mode 0600.
+- The socket is created with mode 0600. Allowing other uids opens it to
+  0666, and allowing one group makes it that group's, 0660, so that they
+  can reach it at all.
 - Each connecting process's credentials are read with ``SO_PEERCRED``.
   Only the same user, or a uid or gid the option allows, gets in. Anyone
   else is refused with one log line and their connection is closed.
@@ -115,6 +117,7 @@ class BusListener:
         self.refused = 0
         self._next = FIRST_PEER
         self.sock = self._bind(path)
+        self.mode = self._open_to(path, [int(u) for u in allow_uids], [int(g) for g in allow_gids])
         self._inode = os.stat(path).st_ino
         loop.register(self.sock, lambda mask: self._accept())
 
@@ -127,8 +130,10 @@ class BusListener:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)
-            except OSError:
+            except ConnectionRefusedError:
                 os.unlink(path)  # a socket nobody listens on: left by a relay that died
+            except OSError as exc:  # not ours to judge (another user's relay, most likely): leave it
+                raise OSError(exc.errno, f"{path} is a socket this user cannot reach ({exc.strerror}): not replacing it") from None
             else:
                 raise OSError(errno.EADDRINUSE, f"a relay already listens on {path}")
             finally:
@@ -146,6 +151,24 @@ class BusListener:
         sock.listen(128)
         sock.setblocking(False)
         return sock
+
+    @staticmethod
+    def _open_to(path: str, uids: List[int], gids: List[int]) -> int:
+        """Let the allowed users reach the socket (``SO_PEERCRED`` stays the gate); return its mode.
+
+        Only this user: 0600. One allowed group: the socket's group, 0660.
+        Other users, or several groups: 0666.
+        """
+        others = [u for u in uids if u != os.getuid()]
+        if not others and not gids:
+            return 0o600
+        if not others and len(set(gids)) == 1:
+            os.chown(path, -1, gids[0])
+            mode = 0o660
+        else:
+            mode = 0o666
+        os.chmod(path, mode)
+        return mode
 
     def _free_index(self) -> Optional[int]:
         for _ in range(UPLINK_WORKER - FIRST_PEER):
@@ -210,6 +233,7 @@ class BusListener:
         """The socket's path, what it accepted and refused, and each peer's counters."""
         return {
             "path": self.path,
+            "mode": oct(self.mode),
             "accepted": self.accepted,
             "refused": self.refused,
             "peers": [self.peers[i].stats() for i in sorted(self.peers)],

@@ -267,7 +267,7 @@ class WorkerLink:
             raise ValueError(f"message of {size} bytes is over the relay's max_message ({self.max_message} bytes)")
         with self._lock:  # the Condition's own lock: entered without a Python-level call
             if self._closed:
-                raise RuntimeError("the connection to the primary is closed")
+                raise ConnectionError("the connection to the relay is closed")
             if self._pending + self._inflight + size > self.out_limit and self._pending:
                 self._wait_for_room(size)
             runs = self._runs
@@ -343,7 +343,7 @@ class WorkerLink:
                 f"outgoing buffer to the primary is full ({self.out_limit} bytes): message dropped"
             )
         if self._closed:
-            raise RuntimeError("the connection to the primary is closed")
+            raise ConnectionError("the connection to the relay is closed")
 
     def _control(self, kind: int, channel: bytes = b"", count: int = 0, dest: int = BROADCAST, body: bytes = b"") -> None:
         with self._cond:

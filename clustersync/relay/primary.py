@@ -639,7 +639,11 @@ def _after_fork_in_child() -> None:
     global _primary
     _primary = None
     for p in list(_live_primaries):
-        socks = [w.sock for w in p._workers.values()]
+        # Every peer's connection (workers, the bus's peers, the uplink) and the bus's socket: a child
+        # holding a copy would keep a peer the relay cut off from ever seeing its end.
+        socks = [peer.sock for peer in p.router.peers.values()] + [w.sock for w in p._workers.values()]
+        if p.bus is not None:
+            socks.append(p.bus.sock)
         if p._forking is not None:
             socks.append(p._forking)
         for sock in socks:

@@ -53,9 +53,11 @@ def run_relay(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        assert primary.bus is not None
         logger.info(
-            "relaying on %s (mode 0600; same user%s)%s",
+            "relaying on %s (mode %s; same user%s)%s",
             path,
+            oct(primary.bus.mode)[2:],
             "".join(f", uid {u}" for u in allow_uids) + "".join(f", gid {g}" for g in allow_gids),
             f", uplink {uplink}" if uplink else "",
         )
