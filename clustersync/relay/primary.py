@@ -351,13 +351,13 @@ class Primary:
             logger.error("%s sent %s: it is cut off; the others never see it", what, reason)
             return
         w = peer
+        self._kill(w, "malformed frame")  # before the log line: it must not see its pipe close and exit first
         logger.error(
             "worker %d (pid %d) sent %s: it is cut off and stopped; the other workers never see it",
             w.index,
             w.pid,
             reason,
         )
-        self._kill(w, "malformed frame")
 
     def ping(self, w: WorkerHandle) -> int:
         """Send ``w`` a ping; return its number. Its answer comes after everything ``w`` published before."""
@@ -396,11 +396,11 @@ class Primary:
 
     def _kill(self, w: WorkerHandle, reason: Optional[str]) -> None:
         """The one kill path: cut ``w`` off and SIGKILL it with its process group."""
+        if not w.reaped:  # first: cut off, it could see its pipe close and exit on its own
+            _signal_group(w.pid, signal.SIGKILL)
         if reason is not None:
             w.kill_reason = reason
             self.router.disconnect(w)
-        if not w.reaped:
-            _signal_group(w.pid, signal.SIGKILL)
 
     def _terminate(self, w: WorkerHandle) -> None:
         if not w.reaped:

@@ -396,8 +396,8 @@ class Router:
     def _broken(self, w: Peer, reason: str) -> None:
         w.malformed += 1
         self.malformed += 1
+        self.on_broken(w, reason)  # first: a worker is killed before its end of the pipe closes
         self.disconnect(w)
-        self.on_broken(w, reason)
 
     # -- writing -------------------------------------------------------------
 
