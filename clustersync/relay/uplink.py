@@ -67,15 +67,9 @@ def uplink(url: str, **options: Any) -> Uplink:
     unknown scheme and ``ImportError`` naming the install line when the
     backplane's client library is missing.
     """
-    from ..sync.url import SCHEMES
+    from ..sync.url import backplane_of
 
-    if not isinstance(url, str):
-        raise TypeError(f"the uplink is a URL, not {type(url).__name__}")
-    scheme, sep, _rest = url.partition("://")
-    kind = SCHEMES.get(scheme.lower()) if sep else None
-    if kind is None:
-        known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise ValueError(f"no backplane for uplink {url!r}: the URL must start with one of {known}")
+    kind = backplane_of(url, "the uplink")
     opts = check_options(**options)
     make: Callable[[], Backend]
     if kind == "redis":

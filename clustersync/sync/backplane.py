@@ -41,7 +41,7 @@ from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Protoc
 
 from .._log import RateLimitedLog
 from ..message import DEFAULT_QUEUE_SIZE, Address, BoundedQueue, Destination, Message
-from .base import Deliver, DeliverBatch, OnUnreachable, one_by_one
+from .base import Deliver, DeliverBatch, OnUnreachable, deliver_in_runs, one_by_one
 from .envelope import is_for, pack, unpack
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
 
 logger = logging.getLogger("clustersync")
 _ratelimited = RateLimitedLog()
+_new_message = tuple.__new__  # Message(...) without the Python-level __new__
 
 #: ``on_state(up, exc)``: the backplane was lost (``False``, with the cause) or is back (``True``, ``None``).
 OnState = Callable[[bool, Optional[BaseException]], Any]
@@ -537,7 +538,7 @@ class BackplaneDriver:
         self.channel = channel
         self._backend = backend
         self._options = options
-        self._queue: BoundedQueue[Tuple[str, str, Address, bytes]] = BoundedQueue(queue_size, self._overflow)
+        self._queue: BoundedQueue[Message] = BoundedQueue(queue_size, self._overflow)
         self._deliver: Optional[DeliverBatch] = None
         self._on_state: Optional[OnState] = None
         self._session: Optional[Session] = None
@@ -588,7 +589,7 @@ class BackplaneDriver:
             return  # our own echo
         if to is not None and not is_for(to, self.address):
             return
-        self._queue.put((ns, topic, origin, data))
+        self._queue.put(_new_message(Message, (ns, topic, data, origin)))
 
     def _overflow(self, count: int) -> None:
         _ratelimited(("backplane-slow", id(self)), logging.WARNING,
@@ -603,14 +604,7 @@ class BackplaneDriver:
             batch = queue.take_all(None)
             if queue.closed:
                 return
-            start, end = 0, len(batch)
-            while start < end:  # runs of one namespace, topic and origin, in order
-                ns, topic, origin, _d = batch[start]
-                stop = start + 1
-                while stop < end and batch[stop][1] == topic and batch[stop][2] == origin and batch[stop][0] == ns:
-                    stop += 1
-                deliver(ns, topic, origin, [m[3] for m in batch[start:stop]])
-                start = stop
+            deliver_in_runs(batch, deliver)
 
     def publish_parts(self, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> None:
         """Queue one encoded message for the backplane (never blocks)."""

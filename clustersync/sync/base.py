@@ -67,6 +67,7 @@ __all__ = [
     "install_cluster_transport",
     "check_channel",
     "one_by_one",
+    "deliver_in_runs",
 ]
 
 #: ``deliver(msg)``: one message from another hub (``msg.data`` is the encoded payload).
@@ -87,6 +88,22 @@ def one_by_one(deliver: Deliver) -> DeliverBatch:
             deliver(Message(namespace, topic, data, origin))
 
     return deliver_batch
+
+
+def deliver_in_runs(batch: List[Message], deliver: DeliverBatch) -> None:
+    """Hand ``batch`` to ``deliver`` in order, as runs of one namespace, topic and origin."""
+    start, end = 0, len(batch)
+    while start < end:
+        ns, topic, data, origin = batch[start]
+        stop = start + 1
+        while stop < end:
+            m = batch[stop]
+            if m[1] != topic or m[3] != origin or m[0] != ns:
+                break
+            stop += 1
+        datas = [data] if stop == start + 1 else [m[2] for m in batch[start:stop]]
+        deliver(ns, topic, origin, datas)  # the hub contains subscriber errors itself
+        start = stop
 
 
 @runtime_checkable

@@ -25,7 +25,16 @@ from ..message import (
     Message,
     check_channel,
 )
-from .base import Deliver, DeliverBatch, DriverFactory, OnUnreachable, PresenceWatcher, one_by_one, tell_watcher
+from .base import (
+    Deliver,
+    DeliverBatch,
+    DriverFactory,
+    OnUnreachable,
+    PresenceWatcher,
+    deliver_in_runs,
+    one_by_one,
+    tell_watcher,
+)
 
 __all__ = ["broadcast_channel", "BroadcastDriver"]
 
@@ -127,19 +136,7 @@ class BroadcastDriver:
             if queue.closed:
                 return
             self.received += len(batch)
-            start = 0
-            end = len(batch)
-            while start < end:  # runs of one namespace, topic and origin, in order
-                ns, topic, _data, origin = first = batch[start]
-                stop = start + 1
-                while stop < end:
-                    m = batch[stop]
-                    if m[1] != topic or m[3] != origin or m[0] != ns:
-                        break
-                    stop += 1
-                datas = [first[2]] if stop == start + 1 else [m[2] for m in batch[start:stop]]
-                deliver(ns, topic, origin, datas)  # the hub contains subscriber errors itself
-                start = stop
+            deliver_in_runs(batch, deliver)
 
     def advertise(self, entry: str, on: bool = True) -> None:
         """Add or withdraw ``entry`` in the channel's presence table (this process's)."""
