@@ -27,7 +27,7 @@ from .message import (
     check_name,
 )
 from .sync.base import DriverFactory, SyncDriver, cluster_transport
-from .topics import Callback, Subscription, SubscriptionClosed
+from .topics import Callback, Matcher, Subscription, SubscriptionClosed, compile_pattern, is_pattern
 
 __all__ = ["Hub", "Message", "Subscription", "SubscriptionClosed", "DEFAULT_MAX_MESSAGE", "DEFAULT_QUEUE_SIZE"]
 
@@ -104,6 +104,10 @@ class Hub:
         self.queue_size = queue_size
         self._codec = Codec(serializer, deserializer)
         self._topics: Dict[str, Tuple[Subscription, ...]] = {}
+        # Pattern subscriptions, their matchers, and what each concrete topic seen since the last change matched.
+        self._patterns: Dict[str, Tuple[Subscription, ...]] = {}
+        self._matchers: Dict[str, Matcher] = {}
+        self._matched: Dict[str, Tuple[Subscription, ...]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._published = 0
@@ -170,6 +174,8 @@ class Hub:
             raise RuntimeError("publish() on a closed Hub")
         if type(topic) is not str or not topic.isascii() or len(topic) > MAX_NAME:
             check_name("topic", topic)
+        if ("*" in topic or ">" in topic) and is_pattern(topic):
+            raise ValueError(f"publish to a concrete topic, not the pattern {topic!r}: wildcards are for subscribe")
         if namespace is None:
             namespace = self.namespace
         else:
@@ -200,7 +206,7 @@ class Hub:
                 data = wire[1:]  # subscribers everywhere see bytes
         self._published += 1
         if local and namespace == self.namespace:
-            subs = self._topics.get(topic)
+            subs = self._subs_for(topic) if self._patterns else self._topics.get(topic)
             if subs:
                 msg = _new_message(Message, (namespace, topic, data, self.address))
                 for sub in subs:
@@ -227,8 +233,12 @@ class Hub:
     # -- subscribing -------------------------------------------------------
 
     def subscribe(self, topic: str, callback: Optional[Callback] = None) -> Subscription:
-        """Subscribe to ``topic``.
+        """Subscribe to ``topic``, or to a pattern of topics.
 
+        A pattern follows NATS's rules: topics are tokens split on ``.``;
+        ``*`` matches exactly one token (``orders.*`` matches ``orders.new``,
+        not ``orders`` or ``orders.new.eu``) and a final ``>`` one or more
+        (``orders.>`` matches both). ``msg.topic`` is the concrete topic.
         With ``callback(msg)``, each message is passed to it (on the
         publishing thread for local messages, on the driver's delivery thread
         for remote ones). Without, read the returned subscription with
@@ -239,10 +249,32 @@ class Hub:
         check_name("topic", topic)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable")
+        matcher = compile_pattern(topic) if is_pattern(topic) else None
         sub = Subscription(self, topic, callback, self.queue_size)
         with self._lock:
-            self._topics[topic] = self._topics.get(topic, ()) + (sub,)
+            if matcher is None:
+                self._topics[topic] = self._topics.get(topic, ()) + (sub,)
+            else:
+                self._patterns[topic] = self._patterns.get(topic, ()) + (sub,)
+                self._matchers[topic] = matcher
+            self._matched = {}
         return sub
+
+    def _subs_for(self, topic: str) -> Tuple[Subscription, ...]:
+        """The subscriptions a concrete ``topic`` reaches: its own, then the patterns' that match it."""
+        cache = self._matched  # a change replaces the dict: a result computed before it lands in the old one
+        subs = cache.get(topic)
+        if subs is None:
+            subs = self._topics.get(topic, ())
+            matchers = self._matchers
+            for pattern, psubs in list(self._patterns.items()):
+                matcher = matchers.get(pattern)
+                if matcher is not None and matcher(topic):
+                    subs = subs + psubs
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[topic] = subs
+        return subs
 
     # -- presence --------------------------------------------------------------
 
@@ -285,11 +317,15 @@ class Hub:
 
     def _remove(self, sub: Subscription) -> None:
         with self._lock:
-            subs = tuple(s for s in self._topics.get(sub.topic, ()) if s is not sub)
+            table = self._patterns if sub.topic in self._patterns else self._topics
+            subs = tuple(s for s in table.get(sub.topic, ()) if s is not sub)
             if subs:
-                self._topics[sub.topic] = subs
+                table[sub.topic] = subs
             else:
-                self._topics.pop(sub.topic, None)
+                table.pop(sub.topic, None)
+                if table is self._patterns:
+                    self._matchers.pop(sub.topic, None)
+            self._matched = {}
 
     # -- from the backplane --------------------------------------------------
 
@@ -302,7 +338,7 @@ class Hub:
         if self._closed or namespace != self.namespace or origin == self.address:
             return
         self._received += len(datas)
-        subs = self._topics.get(topic)
+        subs = self._subs_for(topic) if self._patterns else self._topics.get(topic)
         if not subs:
             return
         deserialize = self._codec.deserializer
@@ -418,7 +454,7 @@ class Hub:
             "dropped": self._dropped,
             "errors": self._errors,
             "unreachable": self._unreachable,
-            "subscriptions": sum(len(s) for s in self._topics.values()),
+            "subscriptions": sum(len(s) for s in self._topics.values()) + sum(len(s) for s in self._patterns.values()),
             "backplane": self._sync_live,
         }
         if "stats" in self._caps and self._driver is not None:
@@ -435,7 +471,9 @@ class Hub:
                 return
             self._closed = True
             topics, self._topics = self._topics, {}
-        for subs in topics.values():
+            patterns, self._patterns = self._patterns, {}
+            self._matchers, self._matched = {}, {}
+        for subs in list(topics.values()) + list(patterns.values()):
             for sub in subs:
                 sub._close()
         driver, self._driver = self._driver, None

@@ -20,10 +20,43 @@ from .message import BoundedQueue, Message
 if TYPE_CHECKING:  # pragma: no cover
     from .hub import Hub
 
-__all__ = ["Subscription", "SubscriptionClosed", "Callback"]
+__all__ = ["Subscription", "SubscriptionClosed", "Callback", "is_pattern", "compile_pattern", "Matcher"]
 
 Callback = Callable[[Message], Any]
 _ratelimited = RateLimitedLog()
+
+
+#: ``match(topic) -> bool`` for one pattern.
+Matcher = Callable[[str], bool]
+
+
+def is_pattern(topic: str) -> bool:
+    """True if ``topic`` has a wildcard token: ``*`` (one token) or ``>`` (one or more, last only)."""
+    return ("*" in topic or ">" in topic) and any(t == "*" or t == ">" for t in topic.split("."))
+
+
+def compile_pattern(pattern: str) -> Matcher:
+    """A matcher for ``pattern``, NATS's rules: tokens split on ``.``, ``*`` matches exactly one token,
+    a final ``>`` one or more. Raises ``ValueError`` for a ``>`` that is not the last token."""
+    tokens = pattern.split(".")
+    if ">" in tokens[:-1]:
+        raise ValueError(f"in the pattern {pattern!r}, '>' may only be the last token")
+    tail = tokens[-1] == ">"
+    if tail:
+        tokens = tokens[:-1]
+    size = len(tokens)
+    fixed = [(i, t) for i, t in enumerate(tokens) if t != "*"]
+
+    def match(topic: str) -> bool:
+        parts = topic.split(".")
+        if (len(parts) <= size) if tail else (len(parts) != size):
+            return False
+        for i, token in fixed:
+            if parts[i] != token:
+                return False
+        return True
+
+    return match
 
 
 class SubscriptionClosed(RuntimeError):
@@ -31,7 +64,7 @@ class SubscriptionClosed(RuntimeError):
 
 
 class Subscription:
-    """A hub's subscription to one topic.
+    """A hub's subscription to one topic, or to a pattern of topics (``orders.*``, ``orders.>``).
 
     With a callback, messages are handed to it on the delivering thread.
     Without one, they wait in a bounded queue (oldest dropped on overflow)

@@ -337,6 +337,33 @@ def test_channels_never_bridge(backplane: Backplane) -> None:
             assert len(got) == 2 * 22
 
 
+# --------------------------------------------------------------- 4b. pattern subscriptions
+
+
+def _patterns(peer: Peer) -> Dict[str, List[Tuple[str, Any]]]:
+    hub = peer.hub()
+    got: Dict[str, List[Tuple[str, Any]]] = {"one": [], "many": [], "exact": []}
+    hub.subscribe("orders.*", lambda m: got["one"].append((m.topic, m.data)))
+    hub.subscribe("orders.>", lambda m: got["many"].append((m.topic, m.data)))
+    hub.subscribe("orders.new", lambda m: got["exact"].append((m.topic, m.data)))
+    peer.ready(hub)
+    if peer.index == 0:
+        for topic in ("orders.new", "orders.new.eu", "orders", "invoices.new", "orders.paid"):
+            hub.publish(topic, topic)
+        hub.publish("orders.end", "end")
+    until(lambda: ("orders.end", "end") in got["one"], "the end")
+    return got
+
+
+def test_pattern_subscriptions_get_the_concrete_topics_they_match(backplane: Backplane) -> None:
+    """``*`` is one token, a final ``>`` one or more; each subscription gets each message once, with its topic."""
+    for got in backplane.run(_patterns, 2):  # the publisher (local delivery) and the other node alike
+        assert got["one"] == [("orders.new", "orders.new"), ("orders.paid", "orders.paid"), ("orders.end", "end")]
+        assert got["many"] == [("orders.new", "orders.new"), ("orders.new.eu", "orders.new.eu"),
+                               ("orders.paid", "orders.paid"), ("orders.end", "end")]
+        assert got["exact"] == [("orders.new", "orders.new")]
+
+
 # --------------------------------------------------------------- 5. types round-trip
 
 VALUES: List[Any] = [
