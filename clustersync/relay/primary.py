@@ -194,11 +194,15 @@ class Primary:
             from .bus import BusListener
 
             self.router.on_gone = self._peer_gone
-            self.bus = BusListener(
-                self.loop, self.router, listen,
-                {"max_message": max_message, "out_limit": out_limit, "publish_block": publish_block},
-                allow_uids, allow_gids,
-            )
+            try:
+                self.bus = BusListener(
+                    self.loop, self.router, listen,
+                    {"max_message": max_message, "out_limit": out_limit, "publish_block": publish_block},
+                    allow_uids, allow_gids,
+                )
+            except BaseException:
+                self.loop.close()  # nothing else was started: release the loop's descriptors
+                raise
         #: The host uplink, when there is one.
         self.uplink: "Optional[UplinkBridge]" = None
         if spec is not None:
