@@ -252,13 +252,23 @@ class Hub:
         matcher = compile_pattern(topic) if is_pattern(topic) else None
         sub = Subscription(self, topic, callback, self.queue_size)
         with self._lock:
-            if matcher is None:
-                self._topics[topic] = self._topics.get(topic, ()) + (sub,)
-            else:
-                self._patterns[topic] = self._patterns.get(topic, ()) + (sub,)
+            table = self._topics if matcher is None else self._patterns
+            first = topic not in table
+            table[topic] = table.get(topic, ()) + (sub,)
+            if matcher is not None:
                 self._matchers[topic] = matcher
             self._matched = {}
+            if first:
+                self._interest(topic, True)  # under the lock: the backplane hears on and off in order
         return sub
+
+    def _interest(self, topic: str, on: bool) -> None:
+        driver = self._driver
+        if driver is not None and "interest" in self._caps and self._sync_live:
+            try:
+                driver.interest(topic, on)  # type: ignore[attr-defined]
+            except Exception as exc:
+                self._report(exc, "subscribe")
 
     def _subs_for(self, topic: str) -> Tuple[Subscription, ...]:
         """The subscriptions a concrete ``topic`` reaches: its own, then the patterns' that match it."""
@@ -321,10 +331,12 @@ class Hub:
             subs = tuple(s for s in table.get(sub.topic, ()) if s is not sub)
             if subs:
                 table[sub.topic] = subs
-            else:
-                table.pop(sub.topic, None)
+            elif sub.topic in table:
+                del table[sub.topic]
                 if table is self._patterns:
                     self._matchers.pop(sub.topic, None)
+                if not self._closed:
+                    self._interest(sub.topic, False)
             self._matched = {}
 
     # -- from the backplane --------------------------------------------------

@@ -23,6 +23,9 @@ __all__ = [
     "UPLINK_WORKER",
     "check_channel",
     "check_name",
+    "is_pattern",
+    "compile_pattern",
+    "Matcher",
 ]
 
 #: The largest encoded message (tag byte and payload) a hub accepts by default.
@@ -207,3 +210,36 @@ def check_channel(channel: object) -> str:
     if size > MAX_CHANNEL:
         raise ValueError(f"channel must be at most {MAX_CHANNEL} bytes in UTF-8")
     return channel
+
+
+#: ``match(topic) -> bool`` for one pattern.
+Matcher = Callable[[str], bool]
+
+
+def is_pattern(topic: str) -> bool:
+    """True if ``topic`` has a wildcard token: ``*`` (one token) or ``>`` (one or more, last only)."""
+    return ("*" in topic or ">" in topic) and any(t == "*" or t == ">" for t in topic.split("."))
+
+
+def compile_pattern(pattern: str) -> Matcher:
+    """A matcher for ``pattern``, NATS's rules: tokens split on ``.``, ``*`` matches exactly one token,
+    a final ``>`` one or more. Raises ``ValueError`` for a ``>`` that is not the last token."""
+    tokens = pattern.split(".")
+    if ">" in tokens[:-1]:
+        raise ValueError(f"in the pattern {pattern!r}, '>' may only be the last token")
+    tail = tokens[-1] == ">"
+    if tail:
+        tokens = tokens[:-1]
+    size = len(tokens)
+    fixed = [(i, t) for i, t in enumerate(tokens) if t != "*"]
+
+    def match(topic: str) -> bool:
+        parts = topic.split(".")
+        if (len(parts) <= size) if tail else (len(parts) != size):
+            return False
+        for i, token in fixed:
+            if parts[i] != token:
+                return False
+        return True
+
+    return match

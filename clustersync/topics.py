@@ -15,48 +15,15 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from ._log import RateLimitedLog
-from .message import BoundedQueue, Message
+from .message import BoundedQueue, Matcher, Message, compile_pattern, is_pattern
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hub import Hub
 
-__all__ = ["Subscription", "SubscriptionClosed", "Callback", "is_pattern", "compile_pattern", "Matcher"]
+__all__ = ["Subscription", "SubscriptionClosed", "Callback", "is_pattern", "compile_pattern", "Matcher"]  # the last three from message
 
 Callback = Callable[[Message], Any]
 _ratelimited = RateLimitedLog()
-
-
-#: ``match(topic) -> bool`` for one pattern.
-Matcher = Callable[[str], bool]
-
-
-def is_pattern(topic: str) -> bool:
-    """True if ``topic`` has a wildcard token: ``*`` (one token) or ``>`` (one or more, last only)."""
-    return ("*" in topic or ">" in topic) and any(t == "*" or t == ">" for t in topic.split("."))
-
-
-def compile_pattern(pattern: str) -> Matcher:
-    """A matcher for ``pattern``, NATS's rules: tokens split on ``.``, ``*`` matches exactly one token,
-    a final ``>`` one or more. Raises ``ValueError`` for a ``>`` that is not the last token."""
-    tokens = pattern.split(".")
-    if ">" in tokens[:-1]:
-        raise ValueError(f"in the pattern {pattern!r}, '>' may only be the last token")
-    tail = tokens[-1] == ">"
-    if tail:
-        tokens = tokens[:-1]
-    size = len(tokens)
-    fixed = [(i, t) for i, t in enumerate(tokens) if t != "*"]
-
-    def match(topic: str) -> bool:
-        parts = topic.split(".")
-        if (len(parts) <= size) if tail else (len(parts) != size):
-            return False
-        for i, token in fixed:
-            if parts[i] != token:
-                return False
-        return True
-
-    return match
 
 
 class SubscriptionClosed(RuntimeError):

@@ -28,6 +28,7 @@ from .wire import (
     BROADCAST,
     DATA,
     FRAME_TARGET,
+    INTEREST,
     HEADER,
     HEADER_SIZE,
     PING,
@@ -121,6 +122,8 @@ class WorkerLink:
         self._members: Dict[bytes, Tuple[Member, ...]] = {}
         self._sub_seq = 0  # numbers every SUB this link sends; the primary's ACK carries it back
         self._acks: Dict[bytes, int] = {}  # channel -> the highest SUB number acknowledged, while it has members
+        # channel -> topic or pattern -> how many hubs here want it (the primary hears of the first and the last)
+        self._interest: Dict[bytes, Dict[bytes, int]] = {}
         # The presence table of each channel with members, as the primary sends it: {(worker, body): None}.
         self._presence: Dict[bytes, Dict[Tuple[int, bytes], None]] = {}
         self._watchers: Dict[bytes, Tuple[Callable[[Address, str, bool], Any], ...]] = {}
@@ -176,8 +179,28 @@ class WorkerLink:
                 self._members.pop(channel, None)
                 self._acks.pop(channel, None)
                 self._presence.pop(channel, None)
+                self._interest.pop(channel, None)  # the primary forgets it with the last UNSUB
         if not self._closed:
             self._control(UNSUB, channel)
+
+    def interest(self, channel: bytes, topic: bytes, on: bool) -> int:
+        """A hub here wants ``topic`` (or a pattern) on ``channel``, or no longer; return the number
+        :meth:`wait_acked` waits for (the primary routes by it once acknowledged)."""
+        with self._cond:
+            table = self._interest.setdefault(channel, {})
+            held = table.get(topic, 0) + (1 if on else -1)
+            if held > 0:
+                table[topic] = held
+            else:
+                table.pop(topic, None)
+            if (on and held != 1) or (not on and held != 0) or self._closed:
+                return self._sub_seq  # another hub here already wants it (or still does)
+            self._sub_seq += 1
+            seq = self._sub_seq
+            self._runs.append([INTEREST, channel, 1 if on else 0, topic, seq])
+            if self._writer_waiting:
+                self._cond.notify_all()
+            return seq
 
     def advertise(self, channel: bytes, hub_id: bytes, entry: bytes, on: bool) -> None:
         """Add (``on``) or withdraw this hub's ``entry`` in the channel's presence table."""

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .._log import RateLimitedLog, logger
+from ..message import Matcher, compile_pattern, is_pattern
 from .loop import Loop
 from .wire import (
     ACK,
@@ -26,6 +27,7 @@ from .wire import (
     BROADCAST,
     DATA,
     HEADER,
+    INTEREST,
     HEADER_SIZE,
     KINDS,
     MAX_ADVERTS,
@@ -39,6 +41,7 @@ from .wire import (
     check_records,
     max_body,
     pack_frame,
+    run_spans,
 )
 
 __all__ = ["Peer", "Router"]
@@ -47,6 +50,60 @@ READ_SIZE = 1024 * 1024
 IOV_MAX = 512
 
 _ratelimited = RateLimitedLog()
+
+
+#: The most topics and patterns one peer may want on one channel; past it, it gets everything there (logged).
+MAX_INTERESTS = 65_536
+_INTEREST_CACHE = 4096
+
+
+class Interest:
+    """What one peer's hubs on one channel subscribe to: exact topics and patterns (bounded)."""
+
+    __slots__ = ("exact", "patterns", "everything", "cache")
+
+    def __init__(self) -> None:
+        self.exact: Set[bytes] = set()
+        self.patterns: Dict[bytes, Matcher] = {}
+        #: Too many to keep: the peer gets every message on the channel.
+        self.everything = False
+        self.cache: Dict[bytes, bool] = {}
+
+    def change(self, topic: bytes, on: bool) -> bool:
+        """Add or withdraw ``topic`` (or a pattern); False if the peer wants too many to keep."""
+        self.cache = {}
+        text = topic.decode("utf-8")
+        table: Any = self.patterns if is_pattern(text) else self.exact
+        if not on:
+            if table is self.patterns:
+                self.patterns.pop(topic, None)
+            else:
+                self.exact.discard(topic)
+            return True
+        if len(self.exact) + len(self.patterns) >= MAX_INTERESTS:
+            self.everything = True
+            return False
+        if table is self.patterns:
+            self.patterns[topic] = compile_pattern(text)
+        else:
+            self.exact.add(topic)
+        return True
+
+    def wants(self, topic: bytes) -> bool:
+        """True if a hub of the peer subscribes to ``topic`` (cached)."""
+        hit = self.cache.get(topic)
+        if hit is None:
+            hit = topic in self.exact
+            if not hit and self.patterns:
+                text = topic.decode("utf-8", "replace")
+                hit = any(match(text) for match in self.patterns.values())
+            if len(self.cache) >= _INTEREST_CACHE:
+                self.cache.clear()
+            self.cache[topic] = hit
+        return hit
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.patterns)
 
 
 def _unset(mask: int) -> None:
@@ -94,6 +151,10 @@ class Peer:
         self.congested_since: Optional[float] = None
         #: Declared stalled: it stopped draining; messages for it alone are dropped until it drains.
         self.stalled = False
+        #: What its hubs subscribe to, by channel (interest routing).
+        self.interest: Dict[bytes, Interest] = {}
+        #: Messages on its channels it was not sent, since none of its hubs subscribes to their topic.
+        self.filtered = 0
 
     @property
     def pid(self) -> int:
@@ -116,6 +177,8 @@ class Peer:
             "dropped_frames": self.dropped_frames,
             "malformed": self.malformed,
             "stalled": self.stalled,
+            "filtered": self.filtered,
+            "interests": sum(len(i) for i in self.interest.values()),
         }
 
 
@@ -199,6 +262,7 @@ class Router:
                 if not subs:
                     del self.routes[chan]
         peer.channels.clear()
+        peer.interest.clear()
         if self.on_routes is not None:
             for chan in left:
                 self.on_routes(chan)
@@ -276,9 +340,19 @@ class Router:
                 if subs:
                     frame = buf[off:end]
                     if dest == BROADCAST:
+                        spans = None
                         for t, hubs in subs.items():
-                            if t is not w or hubs > 1:
+                            if t is w and hubs <= 1:
+                                continue
+                            interest = t.interest.get(chan)
+                            if interest is None:  # no hub there subscribes to anything on the channel
+                                t.filtered += count
+                            elif interest.everything:
                                 enqueue(t, frame, count)
+                            else:
+                                if spans is None:
+                                    spans = run_spans(buf, start, end)
+                                self._route_runs(t, interest, frame, spans, count, off)
                     else:
                         one = self.peers.get(dest)
                         if one is not None and one in subs:
@@ -300,6 +374,47 @@ class Router:
             del buf[:off]
         else:
             w.inbuf = bytearray(memoryview(buf)[off:])
+
+    def _route_runs(
+        self, t: Peer, interest: Interest, frame: Any, spans: List[Tuple[bytes, int, int, int]],
+        count: int, off: int,
+    ) -> None:
+        """Send ``t`` the runs of a broadcast frame that its hubs want: all of it, none, or a frame of its own."""
+        wanted = [span for span in spans if interest.wants(span[0])]
+        if len(wanted) == len(spans):
+            self.enqueue(t, frame, count)
+        elif not wanted:
+            t.filtered += count
+        else:
+            n = sum(span[3] for span in wanted)
+            t.filtered += count - n
+            _len, kind, clen, origin, dest, _count = HEADER.unpack_from(frame)
+            chan = bytes(frame[HEADER_SIZE : HEADER_SIZE + clen])
+            # The spans are offsets in the read buffer, where the frame starts at ``off``.
+            body = b"".join(bytes(frame[s - off : e - off]) for _t, s, e, _n in wanted)
+            self.enqueue(t, HEADER.pack(clen + len(body), kind, clen, origin, dest, n) + chan + body, n)
+
+    def _interest(self, w: Peer, chan: bytes, topic: bytes, on: bool, seq: int) -> None:
+        """``w``'s hubs on ``chan`` want ``topic`` (a topic or a pattern), or no longer; acknowledged like a SUB."""
+        if chan not in w.channels:
+            return  # a channel it has left: stale
+        interest = w.interest.get(chan)
+        if interest is None:
+            if not on:
+                return
+            interest = w.interest[chan] = Interest()
+        try:
+            kept = interest.change(topic, on)
+        except (UnicodeDecodeError, ValueError) as exc:
+            _ratelimited(("interest", w.index), logging.ERROR,
+                         "worker %d sent an interest that is not a topic or pattern: %s", w.index, exc)
+            return
+        if not kept:
+            _ratelimited(("interest-full", w.index), logging.WARNING,
+                         "worker %d wants more than %d topics on %r: it gets every message there",
+                         w.index, MAX_INTERESTS, chan)
+        w.acks[chan] = max(w.acks.get(chan, 0), seq)
+        self._mark(w)
 
     def _unroutable(self, w: Peer, chan: bytes, dest: int, count: int, buf: Any, start: int) -> None:
         """Addressed messages for a worker that is not on the channel: tell the publishing hub."""
@@ -328,6 +443,7 @@ class Router:
             elif chan in w.channels:
                 del w.channels[chan]
                 w.acks.pop(chan, None)
+                w.interest.pop(chan, None)
                 subs = self.routes.get(chan)
                 if subs is not None:
                     subs.pop(w, None)
@@ -335,6 +451,8 @@ class Router:
                         del self.routes[chan]
                 if self.on_routes is not None:
                     self.on_routes(chan)
+        elif kind == INTEREST:
+            self._interest(w, chan, bytes(body), bool(dest), count)
         elif kind == ADVERT:
             self._advert(w, chan, bytes(body), bool(count))
         elif kind == SYNC:  # answered behind everything already queued or pending for the worker

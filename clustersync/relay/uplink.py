@@ -170,6 +170,7 @@ class UplinkBridge:
                 name = self.channels.pop(channel)
         if on:
             self.link.add_member(channel, _MEMBER, _never, None)
+            self.link.interest(channel, b">", True)  # every topic: other hosts' interests are not known here
             self.session.add_channel(name)
         else:
             self.link.remove_member(channel, _MEMBER)

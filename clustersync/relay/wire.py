@@ -34,6 +34,10 @@ A process the primary did not start joins its bus (a Unix socket) and is
 answered with HELLO, which gives it its index; from then on it is a worker
 like any other on the wire. STATS asks the primary for its counters.
 
+INTEREST tells the primary which topics (or patterns) a worker's hubs on a
+channel subscribe to: the primary sends a worker only the runs of a DATA
+frame that it wants (interest routing).
+
 An UNREACHABLE frame tells a publishing hub that ``count`` of its addressed
 messages found nobody: its body is ``publisher hub id NUL [to hub id]``, its
 ``dest`` the publisher's worker and its ``origin`` the worker they were for.
@@ -67,6 +71,8 @@ __all__ = [
     "SYNC",
     "HELLO",
     "STATS",
+    "INTEREST",
+    "run_spans",
     "BUS_VERSION",
     "MAX_ADVERTS",
     "KINDS",
@@ -107,7 +113,10 @@ PRESENCE = 11  # primary -> worker: an entry of worker ``origin`` came (count 1)
 SYNC = 12  # worker -> primary -> the same worker: everything the primary queued for it before is delivered
 HELLO = 13  # primary -> a peer that joined the bus: your index is ``dest``; ``count`` the version; body JSON settings
 STATS = 14  # peer -> primary: send your counters (``count`` numbers the request); primary -> peer: body JSON
-KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY, STOP, UNREACHABLE, ADVERT, PRESENCE, SYNC, HELLO, STATS})
+INTEREST = 15  # worker -> primary: its hubs on the channel want (``dest`` 1) or no longer want (0) a topic or
+#               pattern (the body); ``count`` numbers it like a SUB, and the ACK that answers covers it
+KINDS = frozenset({DATA, SUB, UNSUB, ACK, PING, PONG, READY, STOP, UNREACHABLE, ADVERT, PRESENCE, SYNC, HELLO, STATS,
+                   INTEREST})
 #: The bus protocol's version, in HELLO: a peer refuses a relay that speaks another.
 BUS_VERSION = 1
 
@@ -183,6 +192,21 @@ def check_records(buf: Any, pos: int, end: int, count: int) -> None:
         raise ProtocolError("a run's data runs past the end of its frame")
     if total != count:
         raise ProtocolError(f"the header says {count} messages, the body holds {total}")
+
+
+def run_spans(buf: Any, pos: int, end: int) -> List[Tuple[bytes, int, int, int]]:
+    """``(topic, start, stop, messages)`` of each run in ``buf[pos:end]``, already checked by :func:`check_records`."""
+    unpack_run = RUN.unpack_from
+    unpack = struct.unpack_from
+    spans = []
+    while pos < end:
+        n, olen, tolen, nlen, tlen = unpack_run(buf, pos)
+        topic_at = pos + 10 + olen + tolen + nlen
+        names_end = topic_at + tlen
+        stop = names_end + 4 * n + sum(unpack(f"<{n}I", buf, names_end))
+        spans.append((bytes(buf[topic_at:names_end]), pos, stop, n))
+        pos = stop
+    return spans
 
 
 def parse_records(body: bytes) -> List[Run]:

@@ -21,6 +21,9 @@ set and never probes with ``hasattr``:
 - ``"address"``: :class:`HasAddress`, ``address``: the hub's address on this
   backplane, read by the hub once subscribed (a process that joins a
   primary's bus gets its worker index from the relay);
+- ``"interest"``: :class:`Interested`, ``interest(topic, on)``: the hub
+  says which topics and patterns it subscribes to (the first subscription
+  to each, and the last one gone), so the backplane can send it only those;
 - ``"presence"``: :class:`Presence`, a table of entries that hubs on the
   channel advertise (``advertise(entry, on)``), withdrawn the moment their
   hub or worker is gone, watched with ``watch(fn)``: what services are built on.
@@ -57,6 +60,7 @@ __all__ = [
     "PresenceWatcher",
     "State",
     "HasAddress",
+    "Interested",
     "BusTransport",
     "bus_transport",
     "install_bus_connector",
@@ -77,7 +81,7 @@ DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "state", "address"})
+CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "state", "address", "interest"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
@@ -168,6 +172,13 @@ class Limit(Protocol):
     max_message: int
 
 
+class Interested(Protocol):
+    """Capability ``"interest"``."""
+
+    def interest(self, topic: str, on: bool) -> None:
+        """This hub now subscribes to ``topic`` (a topic or a pattern), or no longer does."""
+
+
 class HasAddress(Protocol):
     """Capability ``"address"``."""
 
@@ -239,6 +250,9 @@ class ClusterTransport(Protocol):
 
     def stats(self) -> Dict[str, Any]:
         """The transport's counters."""
+
+    def interest(self, channel: bytes, topic: bytes, on: bool) -> int:
+        """A hub here wants ``topic`` on ``channel`` (or no longer); return the number ``wait_acked`` waits for."""
 
     def advertise(self, channel: bytes, hub_id: bytes, entry: bytes, on: bool) -> None:
         """Add or withdraw a hub's entry in the channel's presence table."""

@@ -40,7 +40,7 @@ _NOT_A_WORKER = (
 )
 
 
-_CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence"})
+_CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "interest"})
 #: The environment variable that names the bus a process outside the workers joins.
 BUS_ENV = "CLUSTERSYNC_BUS"
 
@@ -64,6 +64,7 @@ class ClusterDriver:
         self._seq = 0
         self._encoded: Dict[str, bytes] = {}
         self._adverts: Set[str] = set()
+        self._interests: Set[str] = set()
         self._unwatch: List[Callable[[], None]] = []
 
     def subscribe(self, deliver: Deliver, on_unreachable: Optional[OnUnreachable] = None) -> None:
@@ -140,6 +141,21 @@ class ClusterDriver:
         """Send ``msg`` to every other hub on the channel, or to ``to``."""
         self.publish_parts(msg.namespace, msg.topic, msg.data, to)
 
+    def interest(self, topic: str, on: bool) -> None:
+        """Tell the relay this hub subscribes to ``topic`` (or a pattern), or no longer: it routes by it."""
+        link = self._link
+        if link is None:
+            return
+        if on == (topic in self._interests):
+            return
+        if on:
+            self._interests.add(topic)
+        else:
+            self._interests.discard(topic)
+        seq = link.interest(self._chan, topic.encode(), on)
+        if on:
+            self._seq = max(self._seq, seq)  # wait_ready() covers the subscriptions made before it
+
     def advertise(self, entry: str, on: bool = True) -> None:
         """Add or withdraw ``entry`` in the primary's presence table for the channel."""
         link = self._link
@@ -179,6 +195,9 @@ class ClusterDriver:
         """Withdraw this hub's adverts, stop its watchers, leave the channel."""
         link, self._link = self._link, None
         if link is not None:
+            for topic in self._interests:
+                link.interest(self._chan, topic.encode(), False)
+            self._interests.clear()
             for entry in self._adverts:
                 link.advertise(self._chan, self._hid, entry.encode(), False)
             for unwatch in self._unwatch:
