@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_csv(int), metavar="N[,N]", help="worker counts (default 4,8)")
     p.add_argument("--payloads", type=_csv(int), metavar="BYTES[,BYTES]", help="payload sizes (default 100,4096)")
     p.add_argument("--scenarios", type=_csv(str), metavar="NAME[,NAME]",
-                   help="fanout, all_to_all, latency (default: all three)")
+                   help="fanout, all_to_all, sparse (every worker publishes on its topic, each subscribes "
+                        "to one other's), latency (default: all four)")
     p.add_argument("--runs", type=int, help="runs per figure; the figure is their median (default 3, quick 1)")
     p.add_argument("--seconds", type=float,
                    help="target length of one run; message counts come from a short pilot run "
@@ -133,6 +134,8 @@ def deliveries_per_message(scenario: str, workers: int) -> int:
     """Deliveries caused by one message of each publisher (throughput scenarios)."""
     if scenario == "fanout":
         return workers - 1
+    if scenario == "sparse":
+        return workers
     return workers * (workers - 1)
 
 
@@ -283,7 +286,7 @@ def print_table(args, rows: list[str], results: dict, out=sys.stdout) -> None:
     for l in lines:
         show(l)
     print(file=out)
-    print("fanout/all_to_all: deliveries per second (messages received, summed over receivers, / time from "
+    print("fanout/all_to_all/sparse: deliveries per second (messages received, summed over receivers, / time from "
           "first publish to last receive); latency: round trip p50/p99/max in microseconds.", file=out)
     if cs_on and bases:
         print("cs/X = clustersync / X: throughput ratio (above 1 = clustersync faster); for latency the ratio "

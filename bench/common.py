@@ -28,7 +28,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Client, Listener
 
-SCENARIOS = ("fanout", "all_to_all", "latency")
+SCENARIOS = ("fanout", "all_to_all", "sparse", "latency")
 
 # --------------------------------------------------------------------------- spec
 
@@ -38,7 +38,7 @@ class Spec:
     scenario: str
     workers: int
     payload: int
-    messages: int  # per publisher (fanout/all_to_all) or round trips (latency)
+    messages: int  # per publisher (fanout/all_to_all/sparse) or round trips (latency)
     deadline: float = 0.0  # absolute time.monotonic() after which workers give up
     warmup: int = 0  # latency: round trips not recorded
     options: dict = field(default_factory=dict)
@@ -55,7 +55,7 @@ class Spec:
     def publishers(self) -> list[int]:
         if self.scenario == "fanout":
             return [0]
-        if self.scenario == "all_to_all":
+        if self.scenario in ("all_to_all", "sparse"):
             return list(range(self.workers))
         return [0, 1]  # latency: 0 pings, 1 pongs
 
@@ -65,6 +65,8 @@ class Spec:
             return [0] if wid != 0 else []
         if self.scenario == "all_to_all":
             return [p for p in range(self.workers) if p != wid]
+        if self.scenario == "sparse":  # every worker publishes; each subscribes to one other's topic alone
+            return [(wid + 1) % self.workers]
         return {0: [1], 1: [0]}.get(wid, [])
 
     def subscribers(self, pub: int) -> list[int]:

@@ -21,7 +21,7 @@ def test_bench_quick_clustersync_rows(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=110, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "fanout" in proc.stdout and "latency" in proc.stdout
+    assert "fanout" in proc.stdout and "sparse" in proc.stdout and "latency" in proc.stdout
     assert "all checks passed" in proc.stdout
     results = json.loads(out.read_text())
     assert results
