@@ -196,7 +196,11 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def stream(self) -> None:
         """Server-sent events: every chat message, from any worker, until the client or the hub goes."""
-        sub = self.server.hub.subscribe("chat")  # before the headers: once they are out, nothing is missed
+        hub = self.server.hub
+        sub = hub.subscribe("chat")
+        # Before the headers: once the relay has the subscription (one round trip when this worker had none
+        # on "chat"), nothing is missed.
+        hub.wait_ready(5)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")

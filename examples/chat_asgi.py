@@ -149,7 +149,9 @@ class Room:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[Dict[str, Any]]:
     async with clustersync.asgi.hub(channel="chat") as hub:
-        yield {"room": Room(hub)}
+        room = Room(hub)
+        await asyncio.to_thread(hub.wait_ready, 10)  # the relay has the room's subscription: serve after it
+        yield {"room": room}
 
 
 async def page(request: Request) -> HTMLResponse:
