@@ -6,11 +6,11 @@ import faulthandler
 import os
 import signal
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Type, TypeVar
+from typing import Callable, Iterator, List, Optional, Type, TypeVar
 
 import pytest
 
-from .servers import SERVER_PIDS, MissingWheel, NatsServer, PostgresServer, RedisServer, Server
+from .servers import SERVER_PIDS, MissingWheel, parents, NatsServer, PostgresServer, RedisServer, Server
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -72,22 +72,7 @@ def _descendants() -> List[int]:
     that starts them.
     """
     me = os.getpid()
-    parent: Dict[int, int] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2 :].split()
-        if len(rest) > 1 and rest[0] != "Z":
-            parent[int(entry)] = int(rest[1])
+    parent = parents()
     out = []
     for pid in parent:
         if pid == me:

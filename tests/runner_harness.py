@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,22 +214,28 @@ class SSE:
         self.sock.close()
 
 
-def open_streams(port: int, workers: int, *, per_worker: int = 1, attempts: int = 80) -> List[SSE]:
-    """Open event streams until ``workers`` distinct workers serve at least one (at most ``per_worker`` each)."""
-    streams: List[SSE] = []
+def spread(connect: Callable[[], Any], workers: int, *, per_worker: int = 1, attempts: int = 80) -> List[Any]:
+    """Call ``connect()`` (a connection with ``.worker`` and ``.close()``) until ``workers`` distinct
+    workers serve at least one (at most ``per_worker`` each); return the connections kept."""
+    kept: List[Any] = []
     seen: Dict[int, int] = {}
     for _ in range(attempts):
-        sse = SSE(port)
-        if seen.get(sse.worker, 0) >= per_worker:
-            sse.close()
+        conn = connect()
+        if seen.get(conn.worker, 0) >= per_worker:
+            conn.close()
             continue
-        seen[sse.worker] = seen.get(sse.worker, 0) + 1
-        streams.append(sse)
+        seen[conn.worker] = seen.get(conn.worker, 0) + 1
+        kept.append(conn)
         if len(seen) >= workers:
-            return streams
-    for sse in streams:
-        sse.close()
+            return kept
+    for conn in kept:
+        conn.close()
     raise AssertionError(f"reached only workers {sorted(seen)} in {attempts} connections")
+
+
+def open_streams(port: int, workers: int, *, per_worker: int = 1, attempts: int = 80) -> List[SSE]:
+    """Open event streams until ``workers`` distinct workers serve at least one (at most ``per_worker`` each)."""
+    return spread(lambda: SSE(port), workers, per_worker=per_worker, attempts=attempts)
 
 
 def request(port: int, method: str, path: str, body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None) -> Tuple[int, Dict[str, str], bytes]:

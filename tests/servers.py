@@ -61,7 +61,7 @@ class ServerError(RuntimeError):
 # --------------------------------------------------------------- processes
 
 
-def _parents() -> Dict[int, int]:
+def parents() -> Dict[int, int]:
     """pid -> parent pid of every live (non-zombie) process, from /proc."""
     out: Dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -80,7 +80,7 @@ def _parents() -> Dict[int, int]:
 
 def process_tree(root: int) -> List[int]:
     """``root`` (if alive) and all its live descendants, root first."""
-    parent = _parents()
+    parent = parents()
     children: Dict[int, List[int]] = {}
     for pid, ppid in parent.items():
         children.setdefault(ppid, []).append(pid)

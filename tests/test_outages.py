@@ -158,6 +158,28 @@ def _close(*hubs: Watched) -> None:
 # --------------------------------------------------------------- killed, restarted on the same port
 
 
+def _resumes_and_finishes(back: float, traffic: Any, inbox: Any, pub: Any, sub: Any) -> None:
+    """The server is back (since ``back``): delivery resumes within the bound, then the run ends cleanly.
+
+    What is published from now on may reach the subscriber; publish never raised nor took long; each
+    hub saw one outage and one recovery, reported once.
+    """
+    next_seq = traffic.count
+    wait_for(lambda: inbox.first_at_or_after(next_seq) is not None, timeout=RESUME_BOUND + 8)
+    resumed = inbox.first_at_or_after(next_seq)
+    assert resumed is not None
+    wait_for(lambda: pub.went(True) and sub.went(True), timeout=10)
+    traffic.stop()
+    pub.hub.publish("t", "end")
+    wait_for(lambda: inbox.has("end"), timeout=10)
+    assert not traffic.raised, f"publish raised: {traffic.raised!r}"
+    assert traffic.longest() < PUBLISH_BOUND, f"a publish call took {traffic.longest():.2f} s"
+    assert resumed - back <= RESUME_BOUND, f"delivery resumed {resumed - back:.2f} s after the server's return"
+    for w in (pub, sub):
+        assert w.ups() == [False, True], w.states  # once down, once back: never per message
+        assert w.stages() == [("BackplaneDown", "subscribe")], w.stages()  # told once per outage
+
+
 def test_server_killed_mid_traffic_and_restarted(server: Server) -> None:
     chan = channel("kill")
     pub, sub = Watched(server, chan), Watched(server, chan)  # the defaults, as users get them
@@ -174,22 +196,8 @@ def test_server_killed_mid_traffic_and_restarted(server: Server) -> None:
         wait_for(lambda: traffic.count >= down_at + 50, timeout=10)  # published while down: lost, counted
 
         server.start()  # same port; returns once the server answers
-        back = time.monotonic()
-        next_seq = traffic.count  # what is published from now on may reach the subscriber
-        wait_for(lambda: inbox.first_at_or_after(next_seq) is not None, timeout=RESUME_BOUND + 8)
-        resumed = inbox.first_at_or_after(next_seq)
-        assert resumed is not None
-        wait_for(lambda: pub.went(True) and sub.went(True), timeout=10)
-        traffic.stop()
-        pub.hub.publish("t", "end")
-        wait_for(lambda: inbox.has("end"), timeout=10)
-
-        assert not traffic.raised, f"publish raised: {traffic.raised!r}"
-        assert traffic.longest() < PUBLISH_BOUND, f"a publish call took {traffic.longest():.2f} s"
-        assert resumed - back <= RESUME_BOUND, f"delivery resumed {resumed - back:.2f} s after the server's return"
+        _resumes_and_finishes(time.monotonic(), traffic, inbox, pub, sub)
         for w in (pub, sub):
-            assert w.ups() == [False, True], w.states  # once down, once back: never per message
-            assert w.stages() == [("BackplaneDown", "subscribe")], w.stages()  # told once per outage
             stats = w.driver()
             assert stats["up"] is True and stats["outages"] == 1 and stats["reconnects"] == 1, stats
         down, up = pub.went(False), pub.went(True)
@@ -236,22 +244,8 @@ def test_frozen_server_is_found_by_the_ping_and_delivery_resumes_after_thaw(serv
         assert isinstance(sub.errors[0][1], BackplaneDown)
 
         server.thaw()
-        thawed = time.monotonic()
-        next_seq = traffic.count
-        wait_for(lambda: inbox.first_at_or_after(next_seq) is not None, timeout=RESUME_BOUND + 8)
-        resumed = inbox.first_at_or_after(next_seq)
-        assert resumed is not None
-        wait_for(lambda: pub.went(True) and sub.went(True), timeout=10)
-        traffic.stop()
-        pub.hub.publish("t", "end")
-        wait_for(lambda: inbox.has("end"), timeout=10)
-
-        assert not traffic.raised, f"publish raised: {traffic.raised!r}"
-        assert traffic.longest() < PUBLISH_BOUND, f"a publish call took {traffic.longest():.2f} s"
-        assert resumed - thawed <= RESUME_BOUND, f"delivery resumed {resumed - thawed:.2f} s after the thaw"
+        _resumes_and_finishes(time.monotonic(), traffic, inbox, pub, sub)
         for w in (pub, sub):
-            assert w.ups() == [False, True], w.states
-            assert w.stages() == [("BackplaneDown", "subscribe")], w.stages()
             assert w.driver()["up"] is True
         _check_increasing(inbox.seqs())
         assert pub.driver()["lost"] > 0

@@ -21,7 +21,7 @@ from clustersync.runner.cli import ENV, build_parser, config_from_args
 from clustersync.runner.interface import MISSING_UVICORN, is_asgi, shutdown_timeout, uses_asgi
 from clustersync.runner.reload import Watcher
 
-from .runner_harness import Run, alive, free_to_bind, request, wait_gone
+from .runner_harness import Run, alive, free_to_bind, request, spread, wait_gone
 
 websockets_sync = pytest.importorskip("websockets.sync.client")
 pytest.importorskip("uvicorn")
@@ -172,20 +172,7 @@ class Client:
 
 def connect_clients(port: int, workers: int, per_worker: int = 2, attempts: int = 80) -> List[Client]:
     """Connect until ``workers`` distinct workers serve at least one client (at most ``per_worker`` each)."""
-    clients: List[Client] = []
-    seen: Dict[int, int] = {}
-    for _ in range(attempts):
-        client = Client(port)
-        if seen.get(client.worker, 0) >= per_worker:
-            client.close()
-            continue
-        seen[client.worker] = seen.get(client.worker, 0) + 1
-        clients.append(client)
-        if len(seen) >= workers:
-            return clients
-    for client in clients:
-        client.close()
-    raise AssertionError(f"reached only workers {sorted(seen)} in {attempts} connections")
+    return spread(lambda: Client(port), workers, per_worker=per_worker, attempts=attempts)
 
 
 @pytest.mark.timeout(40)

@@ -434,6 +434,26 @@ def test_an_outage_never_disturbs_the_local_relay(server: Server) -> None:
             assert host.primary.stats()["dropped"] == 0
 
 
+def test_a_frozen_backplane_never_slows_the_local_relay(server: Server) -> None:
+    """The server freezes before anyone notices (a long ping interval): the uplink's queue fills, and it drops
+    for other hosts instead of waiting, so the relay never declares it stalled and the workers talk on."""
+    n = 3000
+    pad = "x" * 16384  # 48 MiB in all: past the relay's high-water mark for a peer that stops reading
+    url = uplink(server.url, ping_interval=60, ping_timeout=10, queue_size=50)
+    with Hosts((url, (1, 1))) as (a,):
+        a0 = a.addresses[0][0]
+        server.freeze()
+        try:
+            a.publish(0, "t", [f"m{i}{pad}" for i in range(n)])
+            records = wait_records(a, 1, at_least(n))
+            assert by_origin(records, "t") == {a0: [f"m{i}{pad}" for i in range(n)]}
+            wait_for(lambda: a.uplink()["lost"] > 0, WAIT)  # dropped for other hosts, counted
+            stats = a.primary.stats()
+            assert stats["stalls"] == 0 and stats["dropped"] == 0, stats
+        finally:
+            server.thaw()
+
+
 def test_a_message_over_the_backplane_limit_stays_on_the_host_alone(nats_server: Server) -> None:
     """NATS carries at most max_payload (1 MiB) a message; the relay 8 MiB. What is too big for the
     backplane is dropped and counted alone (too_big), not an outage that takes what follows with it."""

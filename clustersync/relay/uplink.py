@@ -17,7 +17,10 @@ under the same name:
 - the uplink never publishes what came from the backplane, and drops its own
   echo by node id: no loops, no duplicates;
 - traffic between the workers of this host that is addressed to one of them
-  (``to=``) never reaches the uplink, so never the backplane.
+  (``to=``) never reaches the uplink, so never the backplane;
+- the uplink never waits for the backplane: when its outgoing queue is full
+  (a slow or frozen server), the oldest message for other hosts is dropped
+  and counted, and the local relay goes on at full speed.
 
 Worker code is unchanged (``cluster(channel=...)``), and the wire format on
 the backplane is the network drivers', so hubs using ``redis(...)``,
@@ -195,7 +198,8 @@ class UplinkBridge:
                     continue
             address = Address(worker, origin)
             for data in datas:
-                if session.publish(name, pack(node, address, ns, topic, data, dest)):
+                # No wait for room: this is the link's reader, and a slow backplane must not slow the relay.
+                if session.publish(name, pack(node, address, ns, topic, data, dest), wait=0.0):
                     self.forwarded += 1
 
     # -- backplane -> relay ---------------------------------------------------------

@@ -178,7 +178,6 @@ class _Outbox:
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.size = 0
-        self.dropped = 0
         self.closed = False
         self.items: Deque[Tuple[str, bytes]] = deque()
         self.cond = threading.Condition(threading.Lock())
@@ -200,7 +199,6 @@ class _Outbox:
                 old = self.items.popleft()
                 self.size -= len(old[1])
                 dropped += 1
-            self.dropped += dropped
             self.cond.notify()
             return dropped
 
@@ -286,11 +284,11 @@ class Session:
         """True while connected and subscribed."""
         return self._up
 
-    def publish(self, channel: str, payload: bytes) -> bool:
+    def publish(self, channel: str, payload: bytes, wait: Optional[float] = None) -> bool:
         """Queue ``payload`` for ``channel``.
 
-        When the queue is full, waits up to ``publish_timeout`` for room, then
-        drops the oldest (counted as lost). Dropped at once, and counted,
+        When the queue is full, waits up to ``wait`` (default
+        ``publish_timeout``) seconds for room, then drops the oldest (counted as lost). Dropped at once, and counted,
         while the backplane is down. Returns True if the message was queued.
         """
         if not self._up:
@@ -306,7 +304,7 @@ class Session:
                 self.label, len(payload), self.backend.max_payload, self.too_big,
             )
             return False
-        dropped = self._outbox.put((channel, payload), self.options.publish_timeout)
+        dropped = self._outbox.put((channel, payload), self.options.publish_timeout if wait is None else wait)
         if dropped:
             self._lose(dropped)
             _ratelimited(
