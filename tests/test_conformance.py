@@ -788,3 +788,22 @@ def test_from_url_and_a_users_own_client(network: Backplane) -> None:
         assert node["got"] == ["from 0", "from 1"]
     if network.name in ("redis", "postgres"):
         assert out[1]["user_still_open"] is True
+
+
+def test_a_network_hub_counts_what_other_hubs_sent_it_not_the_servers_echo(network: Backplane) -> None:
+    """``stats()["driver"]["received"]``: the server sends a publisher its own messages back; they are not counted."""
+    a = Hub(sync=network.make("counted"))
+    b = Hub(sync=network.make("counted"))
+    try:
+        got: List[Any] = []
+        b.subscribe("t", got.append)
+        assert a.wait_ready(WAIT) and b.wait_ready(WAIT)
+        for i in range(10):
+            a.publish("t", i)
+        until(lambda: len(got) == 10, "the ten messages")
+        b.publish("t", "back")
+        until(lambda: a.stats()["driver"]["received"] == 1, "b's one message at a")
+        assert b.stats()["driver"]["received"] == 10
+    finally:
+        a.close()
+        b.close()

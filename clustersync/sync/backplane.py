@@ -542,6 +542,8 @@ class BackplaneDriver:
         self._session: Optional[Session] = None
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        #: Messages from other hubs for this one (the server's echo of our own, and others' ``to=``, aside).
+        self.received = 0
         self.max_message = max(1, backend.max_payload - 1024)
 
     def watch_state(self, fn: OnState) -> None:
@@ -587,6 +589,7 @@ class BackplaneDriver:
             return  # our own echo
         if to is not None and not is_for(to, self.address):
             return
+        self.received += 1
         self._queue.put(_new_message(Message, (ns, topic, data, origin)))
 
     def _overflow(self, count: int) -> None:
@@ -628,6 +631,7 @@ class BackplaneDriver:
         session = self._session
         out: Dict[str, Any] = session.stats() if session is not None else {"driver": self.name, "up": False}
         out["channel"] = self.channel
+        out["received"] = self.received
         out["dropped"] = self._queue.dropped
         return out
 
