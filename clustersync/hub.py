@@ -45,6 +45,8 @@ def _new_process_tag() -> None:
 os.register_at_fork(after_in_child=_new_process_tag)  # a forked child's hubs are not its parent's
 _B = b"b"
 _ratelimited = RateLimitedLog()
+#: Topics a hub keeps a driver's sender for, at most (then it starts again).
+MAX_SENDERS = 4096
 _new_message = tuple.__new__  # Message(...) without the Python-level __new__, on hot paths
 
 ErrorHandler = Callable[[BaseException, str], Any]
@@ -120,6 +122,8 @@ class Hub:
         self._driver: Optional[SyncDriver] = None
         self._caps: FrozenSet[str] = frozenset()
         self._publish_parts: Optional[Callable[..., Any]] = None
+        # Topics published to all before -> the driver's sender for each (capability "sender"): the fast path.
+        self._senders: Dict[str, Callable[[bytes], Any]] = {}
         self._has_sync = sync is not None
         self._sync_type = "local"
         if sync is not None:
@@ -170,6 +174,25 @@ class Hub:
         ``TypeError``/``ValueError`` for bad arguments and ``RuntimeError``
         after :meth:`close`; never because of the backplane.
         """
+        if to is None and namespace is None and type(topic) is str:
+            send = self._senders.get(topic)  # a topic published before, to all: checked then
+            if send is not None:
+                kind = type(data)
+                if kind is bytes or kind is str:
+                    wire = _B + data if kind is bytes else self._codec.encode(data)
+                    if len(wire) > self.max_message:
+                        self._too_big(len(wire))
+                    self._published += 1
+                    subs = self._subs_for(topic) if self._patterns else self._topics.get(topic)
+                    if subs:
+                        msg = _new_message(Message, (self.namespace, topic, data, self.address))
+                        for sub in subs:
+                            sub._deliver(msg)
+                    try:
+                        send(wire)
+                    except Exception as exc:
+                        self._report(exc, "publish")
+                    return
         if self._closed:
             raise RuntimeError("publish() on a closed Hub")
         if type(topic) is not str or not topic.isascii() or len(topic) > MAX_NAME:
@@ -218,6 +241,8 @@ class Hub:
                 fast = self._publish_parts
                 if fast is not None:
                     fast(namespace, topic, wire, to)
+                    if to is None and "sender" in self._caps and topic not in self._senders:
+                        self._keep_sender(topic)
                 else:
                     driver.publish(Message(namespace, topic, wire, self.address), to)
             except Exception as exc:
@@ -226,6 +251,16 @@ class Hub:
                 self._report(exc, "publish")
         elif to is not None and not local:
             self._on_unreachable(to, 1)
+
+    def _keep_sender(self, topic: str) -> None:
+        """Keep the driver's sender for ``topic``: the next publish to it, to all, takes the fast path."""
+        with self._lock:
+            if self._closed or not self._sync_live:
+                return
+            senders = self._senders
+            if len(senders) >= MAX_SENDERS:
+                senders = self._senders = {}
+            senders[topic] = self._driver.sender(self.namespace, topic)  # type: ignore[union-attr]
 
     def _too_big(self, size: int) -> None:
         raise ValueError(f"message of {size} bytes is over max_message ({self.max_message} bytes)")
@@ -482,6 +517,7 @@ class Hub:
             if self._closed:
                 return
             self._closed = True
+            self._senders = {}  # first: the fast path checks nothing else
             topics, self._topics = self._topics, {}
             patterns, self._patterns = self._patterns, {}
             self._matchers, self._matched = {}, {}

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import multiprocessing
 import resource
-from typing import Any, Dict
+import socket
+from typing import Any, Dict, List
 
 import pytest
 
+from clustersync.relay.link import WorkerLink
 from clustersync.relay.primary import Primary
+from clustersync.relay.wire import (
+    BROADCAST,
+    DATA,
+    FRAME_TARGET,
+    HEADER,
+    HEADER_SIZE,
+    check_records,
+    max_body,
+    parse_records,
+)
 
 from . import workers
 from .relay_helpers import collect, run_workers
@@ -91,3 +103,61 @@ def test_a_flood_at_the_default_bounds_loses_nothing() -> None:
         _, got, bad, errors = out[index]
         assert got == [count] * 3 and bad == 0 and errors == 0, (index, got, bad, errors)
     assert out["stats"]["dropped"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_frames_packed_with_tiny_messages_on_many_routes_stay_within_the_relays_bound() -> None:
+    """The smallest messages, back to back, on topics, hubs and destinations that change: every frame the link
+    packs stays under the relay's bound (none is refused as malformed), and each message arrives once, in order."""
+    count = 150_000
+    out = run_workers(workers.tiny_mixed, 2, count, max_message=4096, timeout=100)
+    _, sent, errors = out[0]
+    assert errors == 0 and sum(sent.values()) == count
+    _, got, errors, in_order = out[1]
+    assert got == sent and errors == 0 and in_order
+    assert out["stats"]["malformed"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_link_packs_frames_to_the_target_and_never_past_the_relays_bound() -> None:
+    """Nobody reads the link's socket while a worker publishes: the writer blocks and the pending frames fill up.
+    Every frame must then pass the primary's own check and fit its bound, and hold each message once, in order."""
+    count, max_message = 150_000, 4096
+    a, b = socket.socketpair()
+    link = WorkerLink(a, 3, max_message=max_message, out_limit=64 * 1024 * 1024, publish_block=5.0)
+    link.start()
+    try:
+        routes = [
+            link.route(b"ch", BROADCAST, b"", b"1.1.x", b"", b"a"),
+            link.route(b"ch", BROADCAST, b"", b"1.2.x", b"ns", b"b"),
+            link.route(b"ch", 1, b"9.9.y", b"1.1.x", b"", b"c"),
+        ]
+        sent = []
+        for i in range(count):
+            route = routes[2] if i % 50_000 == 0 else routes[(i // 7) % 2]
+            data = b"" if i % 5 else str(i).encode()
+            link.publish(route, data)
+            sent.append((route[5], data))
+        got: List[Any] = []
+        biggest = 0
+        buf = b""
+        b.settimeout(10)
+        while len(got) < count:
+            buf += b.recv(1 << 20)
+            while len(buf) >= HEADER_SIZE:
+                body_len, kind, clen, origin, dest, n = HEADER.unpack_from(buf)
+                if len(buf) < HEADER_SIZE + body_len:
+                    break
+                if kind == DATA:
+                    assert body_len - clen <= max_body(max_message)
+                    check_records(buf, HEADER_SIZE + clen, HEADER_SIZE + body_len, n)  # raises if malformed
+                    biggest = max(biggest, body_len)
+                    for run in parse_records(buf[HEADER_SIZE + clen : HEADER_SIZE + body_len]):
+                        got.extend((run[3].encode(), data) for data in run[4])
+                buf = buf[HEADER_SIZE + body_len :]
+        assert got == sent
+        assert biggest > FRAME_TARGET // 2  # the frames did fill up: the bound was tested
+    finally:
+        link.close(timeout=5)
+        a.close()
+        b.close()

@@ -99,6 +99,7 @@ if __name__ == "__main__":
     path = sys.argv[1]
     if len(sys.argv) > 2:
         uid, gid = map(int, sys.argv[2].split(":"))
+        import clustersync.relay.bus  # noqa: F401  (before the drop: that user may not read this Python's files)
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
@@ -1139,7 +1140,9 @@ def test_a_relay_of_another_user_does_not_replace_a_live_relay(bus_dir: str) -> 
     drop = f"import os; os.setgroups([]); os.setgid({NOBODY.pw_gid}); os.setuid({NOBODY.pw_uid})"
     with relay(path) as first:
         inode = os.stat(path).st_ino
-        code = f"import sys; from clustersync.runner.cli import main; {drop}; sys.exit(main(sys.argv[1:]))"
+        # What the relay imports, imported before the drop: that user may not read this Python's files.
+        imports = "import sys, shutil, clustersync.runner.bus, clustersync.relay.bus, clustersync.relay.primary"
+        code = f"{imports}; from clustersync.runner.cli import main; {drop}; sys.exit(main(sys.argv[1:]))"
         with Proc(sys.executable, "-c", code, "relay", "--bus", path) as second:
             (line,) = second.err.wait(lambda lines: lines[:1], 20, "the second relay said nothing")
             assert f"cannot relay on {path}" in line and second.wait() == 1, line

@@ -475,7 +475,7 @@ def impersonate(results: Any, barrier: Any) -> None:
     if me == 0:
         link = current_link()
         assert link is not None
-        link.publish(b"imp", 0xFFFF, b"", ids[1].encode(), b"", b"t", b"sforged")
+        link.publish(link.route(b"imp", 0xFFFF, b"", ids[1].encode(), b"", b"t"), b"sforged")
         hub.publish("t", "end")
     else:
         _wait(lambda: any(data == "end" for _, data in got), 10)
@@ -821,4 +821,44 @@ def presence_node(results: Any, step: Any, role: str) -> None:
     results.put(("table", me, sorted(seen)))  # what the table held when this hub became ready
     _wait(lambda: (0, "kept", False) in seen, 30)
     results.put(("final", me, seen))
+    hub.close()
+
+
+def tiny_mixed(results: Any, barrier: Any, count: int) -> None:
+    """Worker 0 publishes ``count`` messages back to back, as small as they come, over three topics, a second
+    hub and every 97th one addressed to worker 1: frames packed to the relay's bound. Worker 1 checks each."""
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="tiny"))
+    other = Hub(sync=cluster(channel="tiny"))
+    got: Dict[str, List[Any]] = {"a": [], "b": [], "c": []}
+    for topic in got:
+        hub.subscribe(topic, lambda msg: got[msg.topic].append(msg.data))
+    assert hub.wait_ready(10) and other.wait_ready(10)
+    barrier.wait(20)
+    sent: Dict[str, List[Any]] = {"a": [], "b": [], "c": []}
+    if me == 0:
+        for i in range(count):
+            if i % 97 == 0:
+                value: Any = str(i % 10)
+                hub.publish("c", value, to=1)
+                sent["c"].append(value)
+            elif i % 3:
+                hub.publish("a", b"")
+                sent["a"].append(b"")
+            else:
+                value = str(i % 7)
+                other.publish("b", value)
+                sent["b"].append(value)
+        results.put((me, {t: len(v) for t, v in sent.items()}, hub.stats()["errors"] + other.stats()["errors"]))
+    else:
+        _wait(lambda: sum(map(len, got.values())) >= count, 60)
+        expected = {"a": 0, "b": 0, "c": 0}
+        ok = True
+        for i in range(count):
+            topic, value = ("c", str(i % 10)) if i % 97 == 0 else ("a", b"") if i % 3 else ("b", str(i % 7))
+            ok = ok and got[topic][expected[topic]] == value
+            expected[topic] += 1
+        results.put((me, {t: len(v) for t, v in got.items()}, hub.stats()["errors"], ok))
+    barrier.wait(60)
+    other.close()
     hub.close()

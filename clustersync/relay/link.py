@@ -45,10 +45,9 @@ from .wire import (
     ProtocolError,
     pack_sizes,
     parse_records,
-    run_head,
 )
 
-__all__ = ["WorkerLink", "current_link"]
+__all__ = ["WorkerLink", "current_link", "Route"]
 #: A publish this long after the previous one, with nothing pending, is written at once by the
 #: publishing thread (no hand-off to the writer thread: a lone message leaves without delay).
 #: Publishes closer together are batched by the writer thread.
@@ -62,20 +61,16 @@ ORPHAN_GRACE = 1.0
 _current: Optional["WorkerLink"] = None
 _ratelimited = RateLimitedLog()
 
+#: Where a message goes: (channel, dest, to hub, origin hub, namespace, topic); see WorkerLink.route.
+Route = Tuple[bytes, int, bytes, bytes, bytes, bytes]
+#: Routes a link interns at most (then it starts again: consecutive messages merely share less).
+MAX_ROUTES = 4096
 #: One hub on a channel: (hub id, deliver_batch, on_unreachable).
 Member = Tuple[str, DeliverBatch, Optional[OnUnreachable]]
 _pack_size = SIZE.pack
 _pack_run = RUN.pack
 
 
-def _close_run(entry: List[Any]) -> None:
-    """Move the run being filled in a pending DATA frame into its body."""
-    sizes = entry[9]
-    if sizes:
-        entry[3].append(run_head(len(sizes), entry[5], entry[8], entry[6], entry[7]) + pack_sizes(sizes))
-        entry[3].append(entry[10])
-        entry[9] = []
-        entry[10] = bytearray()
 _monotonic = time.monotonic
 
 
@@ -111,9 +106,14 @@ class WorkerLink:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         # Pending frames, in publish order: [kind, channel, dest, body, count] for control frames and
-        # raw bytes; DATA frames go on with [origin, ns, topic, to, sizes, data, frame size]: the run
-        # being filled, while body holds the runs already closed (see _close_run).
+        # raw bytes; a DATA frame's body is its runs, [(route, [data, ...]), ...], and its count 0.
         self._runs: List[List[Any]] = []
+        # The run being filled (the last of the last pending frame, a DATA frame), its messages, and
+        # the bytes its frame may still take before FRAME_TARGET.
+        self._open: Optional[Route] = None
+        self._datas: List[bytes] = []
+        self._room = 0
+        self._routes: Dict[Route, Route] = {}
         self._pending = 0  # bytes in _runs
         self._inflight = 0  # bytes taken by the writer and not yet written
         self._writer_waiting = False
@@ -163,9 +163,7 @@ class WorkerLink:
             self._sub_seq += 1
             seq = self._sub_seq
             if not self._closed:  # queued under the same lock: SUBs leave in the order of their numbers
-                self._runs.append([SUB, channel, BROADCAST, b"", seq])
-                if self._writer_waiting:
-                    self._cond.notify_all()
+                self._append([SUB, channel, BROADCAST, b"", seq])
         return seq
 
     def remove_member(self, channel: bytes, hub_id: bytes) -> None:
@@ -197,9 +195,7 @@ class WorkerLink:
                 return self._sub_seq  # another hub here already wants it (or still does)
             self._sub_seq += 1
             seq = self._sub_seq
-            self._runs.append([INTEREST, channel, 1 if on else 0, topic, seq])
-            if self._writer_waiting:
-                self._cond.notify_all()
+            self._append([INTEREST, channel, 1 if on else 0, topic, seq])
             return seq
 
     def advertise(self, channel: bytes, hub_id: bytes, entry: bytes, on: bool) -> None:
@@ -216,9 +212,7 @@ class WorkerLink:
             seq = self._sync_sent
             if self._closed:
                 return False
-            self._runs.append([SYNC, b"", BROADCAST, b"", seq])
-            if self._writer_waiting:
-                self._cond.notify_all()
+            self._append([SYNC, b"", BROADCAST, b"", seq])
             return self._cond.wait_for(lambda: self._synced >= seq or self._closed, timeout) and not self._closed
 
     def watch_presence(self, channel: bytes, fn: Callable[[Address, str, bool], Any]) -> Callable[[], None]:
@@ -273,68 +267,95 @@ class WorkerLink:
 
     # -- writing -----------------------------------------------------------
 
-    def publish(
-        self, channel: bytes, dest: int, to: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes
-    ) -> None:
-        """Queue one message for ``dest`` (a worker index or BROADCAST) and, if ``to``, that hub there.
+    def route(self, channel: bytes, dest: int, to: bytes, origin: bytes, ns: bytes, topic: bytes) -> Route:
+        """Where a message goes, as :meth:`publish` takes it: ``dest`` a worker index or BROADCAST, ``to`` the
+        one hub there (or empty), ``origin`` the publishing hub's id. Equal routes come back as one object
+        (interned, at most :data:`MAX_ROUTES`), and consecutive messages on one route share their metadata.
+        """
+        key = (channel, dest, to, origin, ns, topic)
+        routes = self._routes
+        found = routes.get(key)
+        if found is None:
+            if len(routes) >= MAX_ROUTES:
+                routes.clear()
+            found = routes[key] = key
+        return found
+
+    def publish(self, route: Route, data: bytes) -> None:
+        """Queue one message on ``route`` (see :meth:`route`).
 
         Consecutive messages to the same channel and destination share a
-        frame (up to :data:`FRAME_TARGET` bytes); consecutive ones with the
-        same (identical) origin, namespace, topic and ``to`` objects share
-        their metadata. Waits up to ``publish_block`` seconds when the
-        outgoing buffer is full, then raises ``BufferError`` (the message is
-        dropped and counted).
+        frame (up to :data:`FRAME_TARGET` bytes); consecutive ones on the
+        same route object share a run. Waits up to ``publish_block`` seconds
+        when the outgoing buffer is full, then raises ``BufferError`` (the
+        message is dropped and counted).
         """
         size = len(data)
         if size > self.max_message:  # the hub never sends one (its limit is ours): a last guard
             raise ValueError(f"message of {size} bytes is over the relay's max_message ({self.max_message} bytes)")
-        with self._lock:  # the Condition's own lock: entered without a Python-level call
-            if self._closed:
-                raise ConnectionError("the connection to the relay is closed")
-            if self._pending + self._inflight + size > self.out_limit and self._pending:
-                self._wait_for_room(size)
-            runs = self._runs
-            now = _monotonic()
-            if not runs and not self._writing and now - self._last_publish > DIRECT_GAP:
-                self._last_publish = now
-                self._write_now(channel, dest, to, origin, ns, topic, data)
-                return
-            self._last_publish = now
-            if runs:
-                last = runs[-1]
-                if (
-                    last[0] == DATA
-                    and last[1] == channel
-                    and last[2] == dest
-                    and last[11] + size < FRAME_TARGET
-                    and (dest == BROADCAST or last[5] is origin)  # an addressed frame names one publisher
-                ):
-                    if not (last[5] is origin and last[6] is ns and last[7] is topic and last[8] is to):
-                        _close_run(last)
-                        last[5] = origin
-                        last[6] = ns
-                        last[7] = topic
-                        last[8] = to
-                        last[11] += 10 + len(origin) + len(to) + len(ns) + len(topic)
-                    last[9].append(size)
-                    last[10] += data
-                    last[11] += size + 4
-                    last[4] += 1
+        lock = self._lock  # the Condition's own lock: taken without a Python-level call (cheaper than ``with``)
+        lock.acquire()
+        try:
+            # The fast path: one more message on the run being filled, with room in its frame and the buffer.
+            if self._open is route and self._room >= size + 4 and not self._closed:
+                if self._pending + self._inflight + size <= self.out_limit:
+                    self._room -= size + 4
+                    self._datas.append(data)
                     self._pending += size
                     return
-            fsize = 14 + len(origin) + len(to) + len(ns) + len(topic) + size
-            runs.append([DATA, channel, dest, [], 1, origin, ns, topic, to, [size], bytearray(data), fsize])
-            self._pending += size
-            if self._writer_waiting:
-                self._cond.notify_all()
+            self._publish_slow(route, data, size)
+        finally:
+            lock.release()
 
-    def _write_now(
-        self, channel: bytes, dest: int, to: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes
-    ) -> None:
+    def _publish_slow(self, route: Route, data: bytes, size: int) -> None:
+        """With the lock held: write at once, start a run or a frame, or wait for room."""
+        if self._closed:
+            raise ConnectionError("the connection to the relay is closed")
+        if self._pending + self._inflight + size > self.out_limit and self._pending:
+            self._wait_for_room(size)  # the writer may take the pending frames meanwhile
+        runs = self._runs
+        now = _monotonic()
+        if not runs and not self._writing and now - self._last_publish > DIRECT_GAP:
+            self._last_publish = now
+            self._write_now(route, data)
+            return
+        self._last_publish = now
+        channel, dest, to, origin, ns, topic = route
+        self._pending += size
+        open_route = self._open
+        if open_route is not None and open_route[0] == channel and open_route[1] == dest:
+            # The last pending frame is on this channel and destination: a new run in it, if it fits
+            # (an addressed frame holds one publisher's runs).
+            if open_route is route and self._room >= size + 4:
+                self._room -= size + 4
+                self._datas.append(data)
+                return
+            head = 10 + len(to) + len(origin) + len(ns) + len(topic)
+            if self._room >= head + size + 4 and (dest == BROADCAST or open_route[3] == origin):
+                datas = [data]
+                runs[-1][3].append((route, datas))
+                self._open, self._datas = route, datas
+                self._room -= head + size + 4
+                return
+        datas = [data]
+        self._append([DATA, channel, dest, [(route, datas)], 0])
+        self._open, self._datas = route, datas
+        self._room = FRAME_TARGET - 24 - len(channel) - len(to) - len(origin) - len(ns) - len(topic) - size
+
+    def _append(self, entry: List[Any]) -> None:
+        """With the lock held: queue a frame after the pending ones, and wake the writer if it waits."""
+        self._runs.append(entry)
+        self._open = None
+        if self._writer_waiting:
+            self._writer_waiting = False  # once: it takes everything pending when it runs
+            self._cond.notify_all()
+
+    def _write_now(self, route: Route, data: bytes) -> None:
         """With the lock held and nothing pending: write one message's frame without blocking.
 
         What the socket does not take at once goes to the writer thread, first in line.
         """
+        channel, dest, to, origin, ns, topic = route
         body = (
             _pack_run(1, len(origin), len(to), len(ns), len(topic)) + origin + to + ns + topic
             + _pack_size(len(data)) + data
@@ -347,10 +368,8 @@ class WorkerLink:
         self.frames_out += 1
         self.messages_out += 1
         if sent < len(frame):
-            self._runs.append([_RAW, b"", 0, frame[sent:], 0])
             self._pending += len(frame) - sent
-            if self._writer_waiting:
-                self._cond.notify_all()
+            self._append([_RAW, b"", 0, frame[sent:], 0])
 
     def _wait_for_room(self, size: int) -> None:
         """With the lock held: wait for room in the outgoing buffer, or raise ``BufferError``."""
@@ -372,9 +391,7 @@ class WorkerLink:
         with self._cond:
             if self._closed:
                 return
-            self._runs.append([kind, channel, dest, body, count])
-            if self._writer_waiting:
-                self._cond.notify_all()
+            self._append([kind, channel, dest, body, count])
 
     def notify_ready(self) -> None:
         """Tell the primary this worker is ready."""
@@ -396,21 +413,33 @@ class WorkerLink:
                     cond.wait()
                     self._writer_waiting = False
                 runs, self._runs = self._runs, []
+                self._open = None  # what publish() fills from now on is a frame of the next batch
                 self._inflight = self._pending
                 self._pending = 0
                 self._writing = True  # no direct write may interleave with ours
             parts: List[Any] = []
             messages = 0
             for entry in runs:
-                kind, channel, dest, body, count = entry[:5]
+                kind, channel, dest, body, count = entry
                 if kind == _RAW:
                     parts.append(body)
                 elif kind == DATA:
-                    _close_run(entry)
-                    size = sum(map(len, body))
-                    parts.append(pack(len(channel) + size, kind, len(channel), index, dest, count))
+                    at = len(parts)
+                    parts.append(b"")  # the header, once the size is known
                     parts.append(channel)
-                    parts.extend(body)  # the runs as they are: one copy, by the join below
+                    size = len(channel)
+                    count = 0
+                    for route, datas in body:
+                        _c, _d, to, origin, ns, topic = route
+                        lens = list(map(len, datas))
+                        head = _pack_run(len(lens), len(origin), len(to), len(ns), len(topic)) + origin + to + ns + topic
+                        sizes = pack_sizes(lens)
+                        parts.append(head)
+                        parts.append(sizes)
+                        parts.extend(datas)  # one copy, by the join below
+                        size += len(head) + len(sizes) + sum(lens)
+                        count += len(lens)
+                    parts[at] = pack(size, kind, len(channel), index, dest, count)
                     messages += count
                 else:
                     parts.append(pack(len(channel) + len(body), kind, len(channel), index, dest, count))

@@ -224,7 +224,8 @@ class UplinkBridge:
                 return
             dest = to
         channel = self._name(name)
-        self.link.publish(channel, dest, to_hub, self._name(f"{origin.worker}/{origin.hub}"), self._name(ns), self._name(topic), data)
+        link = self.link
+        link.publish(link.route(channel, dest, to_hub, self._name(f"{origin.worker}/{origin.hub}"), self._name(ns), self._name(topic)), data)
         self.injected += 1
 
     def _name(self, name: str) -> bytes:

@@ -10,6 +10,10 @@ set and never probes with ``hasattr``:
   hands over runs of one origin and topic at once;
 - ``"parts"``: :class:`PartsPublisher`, ``publish_parts(namespace, topic, data, to)``
   takes the encoded parts without a ``Message`` (the hub's fast path);
+- ``"sender"``: :class:`Sender`, ``sender(namespace, topic)`` returns a
+  function that publishes encoded messages on that topic to every other hub;
+  the hub keeps one per topic it publishes to (its fastest path). It must
+  stay valid until ``close()``;
 - ``"ready"``: :class:`Readiness`, ``wait_ready(timeout) -> bool``;
 - ``"stats"``: :class:`Stats`, ``stats() -> dict``;
 - ``"limit"``: :class:`Limit`, ``max_message``: the largest encoded message
@@ -53,6 +57,7 @@ __all__ = [
     "OnUnreachable",
     "BatchSubscriber",
     "PartsPublisher",
+    "Sender",
     "Readiness",
     "Stats",
     "Limit",
@@ -81,7 +86,7 @@ DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "state", "address", "interest"})
+CAPABILITIES = frozenset({"batch", "parts", "sender", "ready", "stats", "limit", "presence", "state", "address", "interest"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
@@ -149,6 +154,13 @@ class PartsPublisher(Protocol):
 
     def publish_parts(self, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> None:
         """Publish one encoded message without building a ``Message``."""
+
+
+class Sender(Protocol):
+    """Capability ``"sender"``."""
+
+    def sender(self, namespace: str, topic: str) -> Callable[[bytes], Any]:
+        """A function that publishes one encoded message on ``topic`` to every other hub on the channel."""
 
 
 class Readiness(Protocol):
@@ -245,8 +257,15 @@ class ClusterTransport(Protocol):
     def wait_acked(self, channel: bytes, seq: int, timeout: Optional[float]) -> bool:
         """Wait until the relay routes ``channel`` here."""
 
-    def publish(self, channel: bytes, dest: int, to_hub: bytes, origin: bytes, ns: bytes, topic: bytes, data: bytes) -> None:
-        """Queue one encoded message."""
+    def route(self, channel: bytes, dest: int, to_hub: bytes, origin: bytes, ns: bytes, topic: bytes) -> Any:
+        """Where messages go (``dest`` a worker index or every worker), as :meth:`publish` takes it.
+
+        Equal routes come back as one object: keep it and pass it again, and
+        consecutive messages on it share their metadata on the wire.
+        """
+
+    def publish(self, route: Any, data: bytes) -> None:
+        """Queue one encoded message on ``route``."""
 
     def stats(self) -> Dict[str, Any]:
         """The transport's counters."""

@@ -11,6 +11,7 @@ pipe, then to the one hub there. Outside such a worker, ``subscribe`` raises
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 from ..message import UPLINK_WORKER, Address, Destination, Message, check_channel
@@ -40,7 +41,7 @@ _NOT_A_WORKER = (
 )
 
 
-_CAPABILITIES = frozenset({"batch", "parts", "ready", "stats", "limit", "presence", "interest"})
+_CAPABILITIES = frozenset({"batch", "parts", "sender", "ready", "stats", "limit", "presence", "interest"})
 #: The environment variable that names the bus a process outside the workers joins.
 BUS_ENV = "CLUSTERSYNC_BUS"
 
@@ -62,7 +63,8 @@ class ClusterDriver:
         self._chan = channel.encode()
         self._link: Optional[ClusterTransport] = None
         self._seq = 0
-        self._encoded: Dict[str, bytes] = {}
+        # topic -> (namespace, route) of the last broadcast on it: routes are kept, not rebuilt
+        self._broadcast: Dict[str, Tuple[str, Any]] = {}
         self._adverts: Set[str] = set()
         self._interests: Set[str] = set()
         self._unwatch: List[Callable[[], None]] = []
@@ -101,41 +103,46 @@ class ClusterDriver:
         link = self._link
         return link.max_message if link is not None else 0
 
-    def _names(self, name: str) -> bytes:
-        """The UTF-8 bytes of a name, one shared object per name (the link shares metadata on identity)."""
-        encoded = self._encoded.get(name)
-        if encoded is None:
-            if len(self._encoded) >= 4096:
-                self._encoded.clear()
-            encoded = self._encoded[name] = name.encode()
-        return encoded
-
-    def _route(self, to: Destination) -> Tuple[int, bytes]:
-        if isinstance(to, Address):
-            if not 0 <= to.worker < _MAX_WORKERS:
-                raise ValueError(f"{to} is not the address of a hub in a worker")
-            return to.worker, self._names(to.hub)
-        if isinstance(to, int) and not isinstance(to, bool) and 0 <= to < _MAX_WORKERS and to != UPLINK_WORKER:
-            return to, b""
-        raise ValueError(f"to must be an Address or a worker index, not {to!r}")
-
-    def publish_parts(self, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> None:
-        """Send one encoded message without building a ``Message`` (the hub's fast path)."""
+    def _route(self, namespace: str, topic: str, to: Optional[Destination]) -> Any:
+        """The link's route for one message: one object per destination, namespace and topic."""
         link = self._link
         if link is None:
             raise RuntimeError(_NOT_A_WORKER)
-        names = self._encoded
-        ns = names.get(namespace)
-        if ns is None:
-            ns = self._names(namespace)
-        tp = names.get(topic)
-        if tp is None:
-            tp = self._names(topic)
         if to is None:
-            link.publish(self._chan, _BROADCAST, b"", self._hid, ns, tp, data)
+            dest, hub = _BROADCAST, ""
+        elif isinstance(to, Address):
+            if not 0 <= to.worker < _MAX_WORKERS:
+                raise ValueError(f"{to} is not the address of a hub in a worker")
+            dest, hub = to.worker, to.hub
+        elif isinstance(to, int) and not isinstance(to, bool) and 0 <= to < _MAX_WORKERS and to != UPLINK_WORKER:
+            dest, hub = to, ""
         else:
-            dest, hub = self._route(to)
-            link.publish(self._chan, dest, hub, self._hid, ns, tp, data)
+            raise ValueError(f"to must be an Address or a worker index, not {to!r}")
+        return link.route(self._chan, dest, hub.encode(), self._hid, namespace.encode(), topic.encode())
+
+    def publish_parts(self, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> None:
+        """Send one encoded message without building a ``Message``."""
+        link = self._link
+        if to is None:
+            hit = self._broadcast.get(topic)
+            if hit is not None and hit[0] == namespace and link is not None:
+                link.publish(hit[1], data)
+                return
+            route = self._route(namespace, topic, None)
+            if len(self._broadcast) >= 4096:
+                self._broadcast.clear()
+            self._broadcast[topic] = (namespace, route)
+        else:
+            route = self._route(namespace, topic, to)
+        assert link is not None  # _route raised otherwise
+        link.publish(route, data)
+
+    def sender(self, namespace: str, topic: str) -> Callable[[bytes], None]:
+        """Capability ``"sender"``: a function publishing encoded messages on ``topic`` to every other hub."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        return partial(link.publish, self._route(namespace, topic, None))
 
     def publish(self, msg: Message, to: Optional[Destination] = None) -> None:
         """Send ``msg`` to every other hub on the channel, or to ``to``."""
