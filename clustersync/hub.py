@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+from itertools import repeat
+from operator import itemgetter
 import os
 import threading
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
@@ -48,6 +50,9 @@ _ratelimited = RateLimitedLog()
 #: Topics a hub keeps a driver's sender for, at most (then it starts again).
 MAX_SENDERS = 4096
 _new_message = tuple.__new__  # Message(...) without the Python-level __new__, on hot paths
+_S = b"s"
+_tag_of = itemgetter(slice(0, 1))  # a payload's tag byte (b"" for an empty payload)
+_after_tag = itemgetter(slice(1, None))
 
 ErrorHandler = Callable[[BaseException, str], Any]
 #: Failures that are conditions, not bugs: logged as one line, without a traceback.
@@ -388,6 +393,31 @@ class Hub:
         subs = self._subs_for(topic) if self._patterns else self._topics.get(topic)
         if not subs:
             return
+        msgs: List[Message] = []
+        if len(datas) > 1:  # a run: when every message is bytes, or every one str, decode the run in C loops
+            tags = b"".join(map(_tag_of, datas))
+            try:
+                if tags.count(_B) == len(datas):
+                    values: Any = map(_after_tag, datas)
+                elif tags.count(_S) == len(datas):
+                    values = list(map(str, map(_after_tag, datas), repeat("utf-8")))
+                else:
+                    values = None
+                if values is not None:
+                    msgs = list(map(_new_message, repeat(Message), zip(repeat(namespace), repeat(topic), values, repeat(origin))))
+            except UnicodeDecodeError:  # one message is not UTF-8: the loop below reports it and keeps the others
+                msgs = []
+        if not msgs:
+            msgs = self._decode_each(namespace, topic, origin, datas)
+        if len(subs) == 1:
+            subs[0]._deliver_many(msgs)
+        else:  # message by message, as local delivery does: each message reaches every subscriber first
+            for msg in msgs:
+                for sub in subs:
+                    sub._deliver(msg)
+
+    def _decode_each(self, namespace: str, topic: str, origin: Address, datas: List[bytes]) -> List[Message]:
+        """Decode messages one by one; report (stage ``"delivery"``) and skip those that do not decode."""
         deserialize = self._codec.deserializer
         msgs = []
         for data in datas:
@@ -406,12 +436,7 @@ class Hub:
                 self._report(exc, "delivery")
                 continue
             msgs.append(_new_message(Message, (namespace, topic, value, origin)))
-        if len(subs) == 1:
-            subs[0]._deliver_many(msgs)
-        else:  # message by message, as local delivery does: each message reaches every subscriber first
-            for msg in msgs:
-                for sub in subs:
-                    sub._deliver(msg)
+        return msgs
 
     def _on_state(self, up: bool, exc: Optional[BaseException]) -> None:
         """The driver says the backplane was lost (with its cause) or is back: once each, never per message."""

@@ -424,3 +424,13 @@ def test_presence_table_over_the_relay() -> None:
         results.close()
     assert sorted(seen[1][:2]) == [(0, "closed-with-its-hub", True), (0, "kept", True)]
     assert seen[1][2:] == [(0, "closed-with-its-hub", False), (0, "kept", False)]  # with its hub, then its worker
+
+
+@pytest.mark.timeout(60)
+def test_runs_of_mixed_and_broken_payloads_decode_one_by_one() -> None:
+    """A run whose payloads are all bytes, or all str, is decoded at once; one that mixes them, or holds a broken
+    payload, message by message: each good one arrives in order, each broken one is reported, none stops the rest."""
+    out = run_workers(workers.mixed_payloads, 2)
+    _, got, errors = out[1]
+    assert got == workers.MIXED_SEEN + [("m", "end")]
+    assert errors == ["delivery"] * workers.MIXED_ERRORS

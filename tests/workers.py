@@ -862,3 +862,47 @@ def tiny_mixed(results: Any, barrier: Any, count: int) -> None:
     barrier.wait(60)
     other.close()
     hub.close()
+
+
+#: What ``mixed_payloads`` writes (encoded, back to back, a run per topic), and what worker 1 must see of it.
+MIXED_WIRE = (
+    [("b", w) for w in [b"b1", b"b2", b"b3"] * 50]  # a run of bytes alone
+    + [("s", w) for w in [b"sa", b"sb"] * 50]  # of str alone
+    + [("s", w) for w in [b"sc", b"s\xff", b"sd"]]  # of str, one of them not UTF-8
+    + [("m", w) for w in [b"b4", b"s5", b"v[6]", b"s\xff", b"", b"?7", b"s8"] * 20]  # mixed, some broken
+)
+MIXED_SEEN = (
+    [("b", v) for v in [b"1", b"2", b"3"] * 50]
+    + [("s", v) for v in ["a", "b"] * 50]
+    + [("s", "c"), ("s", "d")]
+    + [("m", v) for v in [b"4", "5", [6], "8"] * 20]
+)
+#: The str that is not UTF-8, the empty payload, the unknown tag: each reported, none delivered.
+MIXED_ERRORS = 1 + 3 * 20
+
+
+def mixed_payloads(results: Any, barrier: Any) -> None:
+    """Worker 0 writes runs of encoded payloads (bytes, str, JSON and broken ones) straight to its link;
+    worker 1's hub decodes them: every good one arrives, in order, and every broken one is a delivery error."""
+    from clustersync.relay.link import current_link
+
+    me = current_worker().index
+    errors: List[str] = []
+    hub = Hub(sync=cluster(channel="mixed"), on_error=lambda exc, stage: errors.append(stage))
+    got: List[Any] = []
+    for topic in ("b", "s", "m"):
+        hub.subscribe(topic, lambda msg: got.append((msg.topic, msg.data)))
+    assert hub.wait_ready(10)
+    barrier.wait(20)
+    if me == 0:
+        link = current_link()
+        assert link is not None
+        routes = {t: link.route(b"mixed", 0xFFFF, b"", hub.id.encode(), b"", t.encode()) for t in ("b", "s", "m")}
+        for topic, data in MIXED_WIRE:
+            link.publish(routes[topic], data)
+        hub.publish("m", "end")
+    else:
+        _wait(lambda: ("m", "end") in got, 20)
+    results.put((me, got, errors))
+    barrier.wait(20)
+    hub.close()
