@@ -473,7 +473,7 @@ class WorkerLink:
         """Read frames until EOF. Nothing a frame holds can end this loop: a bad one is dropped and counted."""
         sock = self._sock
         unpack = HEADER.unpack_from
-        buf = bytearray()
+        rest = bytearray()  # the start of a frame that has not all arrived
         while True:
             try:
                 data = sock.recv(READ_SIZE)
@@ -481,17 +481,21 @@ class WorkerLink:
                 data = b""
             if not data:
                 break
-            buf += data
-            n = len(buf)
+            if rest:
+                rest += data
+                view: Any = memoryview(rest)  # slices of it are copied once, by bytes()
+            else:
+                view = data  # slices of bytes are bytes: copied once, or not at all when whole
+            n = len(view)
             off = 0
             while n - off >= HEADER_SIZE:
-                body_len, kind, clen, origin, dest, count = unpack(buf, off)
+                body_len, kind, clen, origin, dest, count = unpack(view, off)
                 end = off + HEADER_SIZE + body_len
                 if end > n:
                     break
                 start = off + HEADER_SIZE
                 try:
-                    self._frame(kind, bytes(buf[start : start + clen]), origin, dest, count, bytes(buf[start + clen : end]))
+                    self._frame(kind, bytes(view[start : start + clen]), origin, dest, count, bytes(view[start + clen : end]))
                 except ProtocolError as exc:
                     self.malformed += 1
                     _ratelimited(
@@ -507,7 +511,11 @@ class WorkerLink:
                     self.malformed += 1
                     _ratelimited("frame", logging.ERROR, "worker %d: handling a frame failed", self.index, exc_info=True)
                 off = end
-            del buf[:off]
+            if view is data:
+                rest = bytearray(data[off:]) if off < n else bytearray()
+            else:
+                view.release()
+                del rest[:off]
         self._on_eof()
 
     def _frame(self, kind: int, channel: bytes, origin: int, dest: int, count: int, body: bytes) -> None:
