@@ -25,3 +25,21 @@ def test_bench_quick_clustersync_rows(tmp_path: Path) -> None:
     assert "all checks passed" in proc.stdout
     results = json.loads(out.read_text())
     assert results
+
+
+@pytest.mark.timeout(120)
+def test_bench_instructions_runs_every_path_and_counts_under_valgrind() -> None:
+    """Every path of the instruction counter runs (each checks what it delivered); valgrind counts one of them."""
+    for path in ("publish", "link", "receive", "parse", "feed", "pipe", "call"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.instructions", "--child", path, "1024"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )
+        assert proc.returncode == 0, (path, proc.stderr)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--paths", "call", "--messages", "2560"],
+        capture_output=True, text=True, timeout=110, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    name, count = proc.stdout.split()
+    assert name == "call" and 50 < int(count.replace(",", "")) < 10_000, proc.stdout
