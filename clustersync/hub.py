@@ -127,8 +127,9 @@ class Hub:
         self._driver: Optional[SyncDriver] = None
         self._caps: FrozenSet[str] = frozenset()
         self._publish_parts: Optional[Callable[..., Any]] = None
-        # Topics published to all before -> the driver's sender for each (capability "sender"): the fast path.
-        self._senders: Dict[str, Callable[[bytes], Any]] = {}
+        # Topics published to all before -> the driver's sender for each (capability "sender") and the topic's
+        # local subscriptions: the fast path. Any change of the subscriptions empties it.
+        self._senders: Dict[str, Tuple[Callable[[bytes], Any], Tuple[Subscription, ...]]] = {}
         self._has_sync = sync is not None
         self._sync_type = "local"
         if sync is not None:
@@ -179,19 +180,22 @@ class Hub:
         ``TypeError``/``ValueError`` for bad arguments and ``RuntimeError``
         after :meth:`close`; never because of the backplane.
         """
-        if to is None and namespace is None and type(topic) is str:
-            send = self._senders.get(topic)  # a topic published before, to all: checked then
-            if send is not None:
+        if to is None and namespace is None:
+            try:
+                kept = self._senders.get(topic)  # a topic published to all before (checked then)
+            except TypeError:  # unhashable: the checks below say what is wrong with it
+                kept = None
+            if kept is not None:
                 kind = type(data)
-                if kind is bytes or kind is str:
-                    wire = _B + data if kind is bytes else self._codec.encode(data)
+                wire = _B + data if kind is bytes else self._codec.encode(data) if kind is str else None
+                if wire is not None:
                     if len(wire) > self.max_message:
                         self._too_big(len(wire))
                     self._published += 1
-                    subs = self._subs_for(topic) if self._patterns else self._topics.get(topic)
-                    if subs:
+                    send, here = kept
+                    if here:
                         msg = _new_message(Message, (self.namespace, topic, data, self.address))
-                        for sub in subs:
+                        for sub in here:
                             sub._deliver(msg)
                     try:
                         send(wire)
@@ -265,7 +269,8 @@ class Hub:
             senders = self._senders
             if len(senders) >= MAX_SENDERS:
                 senders = self._senders = {}
-            senders[topic] = self._driver.sender(self.namespace, topic)  # type: ignore[union-attr]
+            subs = self._subs_for(topic) if self._patterns else self._topics.get(topic, ())
+            senders[topic] = (self._driver.sender(self.namespace, topic), subs)  # type: ignore[union-attr]
 
     def _too_big(self, size: int) -> None:
         raise ValueError(f"message of {size} bytes is over max_message ({self.max_message} bytes)")
@@ -298,6 +303,7 @@ class Hub:
             if matcher is not None:
                 self._matchers[topic] = matcher
             self._matched = {}
+            self._senders = {}  # they hold each topic's local subscriptions
             if first:
                 self._interest(topic, True)  # under the lock: the backplane hears on and off in order
         return sub
@@ -378,6 +384,7 @@ class Hub:
                 if not self._closed:
                     self._interest(sub.topic, False)
             self._matched = {}
+            self._senders = {}
 
     # -- from the backplane --------------------------------------------------
 

@@ -434,3 +434,14 @@ def test_runs_of_mixed_and_broken_payloads_decode_one_by_one() -> None:
     _, got, errors = out[1]
     assert got == workers.MIXED_SEEN + [("m", "end")]
     assert errors == ["delivery"] * workers.MIXED_ERRORS
+
+
+@pytest.mark.timeout(60)
+def test_a_hub_that_keeps_a_topics_sender_still_sees_its_subscriptions_change() -> None:
+    """The hub keeps a sender per topic it published to (its fast path): subscribing or unsubscribing here, to the
+    topic or to a pattern, takes effect at the next publish all the same."""
+    out = run_workers(workers.kept_senders, 2)
+    _, local, errors = out[0]
+    assert local == [("t", b"3"), ("t.*", "4"), ("t", {"five": 5})] and errors == 0
+    _, remote, errors = out[1]
+    assert remote == [b"1", "2", b"3", "4", {"five": 5}, "6", b"7", "end"] and errors == 0

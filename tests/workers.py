@@ -906,3 +906,34 @@ def mixed_payloads(results: Any, barrier: Any) -> None:
     results.put((me, got, errors))
     barrier.wait(20)
     hub.close()
+
+
+def kept_senders(results: Any, barrier: Any) -> None:
+    """Worker 0 publishes to topics before and after its own hub subscribes to them (and to a pattern), and after
+    it unsubscribes: its local subscribers see exactly what was published while they were there; worker 1 all."""
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="kept"))
+    got: List[Any] = []
+    if me == 1:
+        hub.subscribe("t", lambda msg: got.append(msg.data))
+        hub.subscribe("t.x", lambda msg: got.append(msg.data))
+    assert hub.wait_ready(10)
+    barrier.wait(20)
+    if me == 0:
+        hub.publish("t", b"1")  # the topic's sender is kept from here on
+        hub.publish("t.x", "2")
+        sub = hub.subscribe("t", lambda msg: got.append(("t", msg.data)))
+        hub.publish("t", b"3")
+        pattern = hub.subscribe("t.*", lambda msg: got.append(("t.*", msg.data)))
+        hub.publish("t.x", "4")
+        hub.publish("t", {"five": 5})
+        sub.unsubscribe()
+        hub.publish("t", "6")
+        pattern.unsubscribe()
+        hub.publish("t.x", b"7")
+        hub.publish("t", "end")
+    else:
+        _wait(lambda: "end" in got, 20)
+    results.put((me, got, hub.stats()["errors"]))
+    barrier.wait(20)
+    hub.close()
