@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from itertools import repeat
-from operator import itemgetter
 import os
 import threading
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from ._log import RateLimitedLog, logger

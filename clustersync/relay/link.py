@@ -340,7 +340,8 @@ class WorkerLink:
         datas = [data]
         self._append([DATA, channel, dest, [(route, datas)], 0])
         self._open, self._datas = route, datas
-        self._room = FRAME_TARGET - 24 - len(channel) - len(to) - len(origin) - len(ns) - len(topic) - size
+        # The frame's header (14), its run's head (10) and names, this message's size field (4) and data.
+        self._room = FRAME_TARGET - 28 - len(channel) - len(to) - len(origin) - len(ns) - len(topic) - size
 
     def _append(self, entry: List[Any]) -> None:
         """With the lock held: queue a frame after the pending ones, and wake the writer if it waits."""

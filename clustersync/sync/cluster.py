@@ -65,6 +65,8 @@ class ClusterDriver:
         self._seq = 0
         # topic -> (namespace, route) of the last broadcast on it: routes are kept, not rebuilt
         self._broadcast: Dict[str, Tuple[str, Any]] = {}
+        # (namespace, topic, to) -> route, for addressed messages (answers, service calls)
+        self._addressed: Dict[Tuple[str, str, Any], Any] = {}
         self._adverts: Set[str] = set()
         self._interests: Set[str] = set()
         self._unwatch: List[Callable[[], None]] = []
@@ -123,9 +125,11 @@ class ClusterDriver:
     def publish_parts(self, namespace: str, topic: str, data: bytes, to: Optional[Destination] = None) -> None:
         """Send one encoded message without building a ``Message``."""
         link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
         if to is None:
             hit = self._broadcast.get(topic)
-            if hit is not None and hit[0] == namespace and link is not None:
+            if hit is not None and hit[0] == namespace:
                 link.publish(hit[1], data)
                 return
             route = self._route(namespace, topic, None)
@@ -133,8 +137,16 @@ class ClusterDriver:
                 self._broadcast.clear()
             self._broadcast[topic] = (namespace, route)
         else:
-            route = self._route(namespace, topic, to)
-        assert link is not None  # _route raised otherwise
+            key = (namespace, topic, to)
+            try:
+                route = self._addressed.get(key)
+            except TypeError:  # not hashable: _route says what is wrong with it
+                route = None
+            if route is None:
+                route = self._route(namespace, topic, to)
+                if len(self._addressed) >= 4096:
+                    self._addressed.clear()
+                self._addressed[key] = route
         link.publish(route, data)
 
     def sender(self, namespace: str, topic: str) -> Callable[[bytes], None]:
