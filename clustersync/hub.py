@@ -187,21 +187,25 @@ class Hub:
                 kept = None
             if kept is not None:
                 kind = type(data)
-                wire = _B + data if kind is bytes else self._codec.encode(data) if kind is str else None
-                if wire is not None:
-                    if len(wire) > self.max_message:
-                        self._too_big(len(wire))
-                    self._published += 1
-                    send, here = kept
-                    if here:
-                        msg = _new_message(Message, (self.namespace, topic, data, self.address))
-                        for sub in here:
-                            sub._deliver(msg)
-                    try:
-                        send(wire)
-                    except Exception as exc:
-                        self._report(exc, "publish")
-                    return
+                if kind is bytes:
+                    wire = _B + data
+                else:
+                    wire = self._codec.encode(data)
+                    if kind is not str and isinstance(data, (bytearray, memoryview)):
+                        data = wire[1:]  # subscribers everywhere see bytes
+                if len(wire) > self.max_message:
+                    self._too_big(len(wire))
+                self._published += 1
+                send, here = kept
+                if here:
+                    msg = _new_message(Message, (self.namespace, topic, data, self.address))
+                    for sub in here:
+                        sub._deliver(msg)
+                try:
+                    send(wire)
+                except Exception as exc:
+                    self._report(exc, "publish")
+                return
         if self._closed:
             raise RuntimeError("publish() on a closed Hub")
         if type(topic) is not str or not topic.isascii() or len(topic) > MAX_NAME:

@@ -445,3 +445,20 @@ def test_a_hub_that_keeps_a_topics_sender_still_sees_its_subscriptions_change() 
     assert local == [("t", b"3"), ("t.*", "4"), ("t", {"five": 5})] and errors == 0
     _, remote, errors = out[1]
     assert remote == [b"1", "2", b"3", "4", {"five": 5}, "6", b"7", "end"] and errors == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_kept_sender_takes_every_kind_of_value_as_the_first_publish_did() -> None:
+    """Through the hub's kept sender (every publish to a topic after the first), values travel, and are refused,
+    exactly as on the first publish: bytes-like values arrive as bytes, here and in the other worker."""
+    out = run_workers(workers.kept_sender_values, 2)
+    once = [b"raw", "text", {"a": [1, 2.5, None]}, 7, b"ba", b"mv"]
+    _, local, errors, published = out[0]
+    assert local == once + once + ["end"]
+    assert [type(v) for v in local] == [type(v) for v in once + once + ["end"]]  # bytes, not bytearray
+    assert errors == ["TypeError", "TypeError", "TypeError", "TypeError", "ValueError", "ValueError",
+                      "TypeError", "TypeError"]
+    assert published == 13  # refused values are not counted
+    _, remote, _, _ = out[1]
+    assert remote == once + once + ["end"]
+    assert [type(v) for v in remote] == [type(v) for v in once + once + ["end"]]

@@ -937,3 +937,31 @@ def kept_senders(results: Any, barrier: Any) -> None:
     results.put((me, got, hub.stats()["errors"]))
     barrier.wait(20)
     hub.close()
+
+
+def kept_sender_values(results: Any, barrier: Any) -> None:
+    """Worker 0 publishes every kind of value twice to one topic (the second time through the kept sender):
+    its own subscriber and worker 1 see the same values both times; bad values raise the same errors."""
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="values"))
+    got: List[Any] = []
+    hub.subscribe("t", lambda msg: got.append(msg.data))
+    assert hub.wait_ready(10)
+    barrier.wait(20)
+    errors: List[str] = []
+    if me == 0:
+        values: List[Any] = [b"raw", "text", {"a": [1, 2.5, None]}, 7, bytearray(b"ba"), memoryview(b"mv")]
+        for value in values + values:
+            hub.publish("t", value)
+        for bad in [(1, 2), {1: "x"}, "\ud800", object()]:
+            for _ in range(2):
+                try:
+                    hub.publish("t", bad)
+                except (TypeError, ValueError) as exc:
+                    errors.append(type(exc).__name__)
+        hub.publish("t", "end")
+    else:
+        _wait(lambda: "end" in got, 20)
+    results.put((me, got, errors, hub.stats()["published"]))
+    barrier.wait(20)
+    hub.close()
