@@ -1,7 +1,7 @@
 """Instructions per message on the worker's paths, counted by valgrind: a profile that noise cannot move.
 
     python -m bench.instructions                 # every path, about 2 minutes
-    python -m bench.instructions --paths publish,receive --messages 5120
+    python -m bench.instructions --paths publish,receive --messages 5120 --payload 4096
 
 Each path runs in a fresh interpreter under ``valgrind --tool=callgrind`` twice,
 with M and 2*M messages; the difference, divided by M, is what one more
@@ -9,7 +9,8 @@ message costs, start-up and imports cancelled out (and so is building the
 payloads: a run of the bare loop over them is taken off). Instruction counts are
 not time, but they are the same from run to run whatever else the machine
 does, so they show where the CPU goes and whether a change to a path made it
-cheaper. Every message carries 100 bytes, as the benchmark's rows send them.
+cheaper. Every message carries 100 bytes (``--payload``), as the benchmark's
+rows send them.
 
 Paths:
 
@@ -36,15 +37,17 @@ import subprocess
 import sys
 from typing import Callable, Dict, List
 
+from .common import HEADER
+
 PATHS = ("publish", "link", "receive", "parse", "feed", "pipe", "call")
-PAYLOAD = 100
+PAYLOAD = 100  # bytes per message, unless --payload says otherwise
 RUN = 256  # messages per run, in the frames the receive paths take
 
 
-def _payloads(n: int) -> List[bytes]:
+def _payloads(n: int, size: int = PAYLOAD) -> List[bytes]:
     from .common import PayloadMaker
 
-    make = PayloadMaker(1, PAYLOAD)  # as the benchmark's rows send them: publisher 1, numbered
+    make = PayloadMaker(1, size)  # as the benchmark's rows send them: publisher 1, numbered
     return [make(k) for k in range(n)]
 
 
@@ -115,7 +118,7 @@ def path_parse(payloads: List[bytes]) -> None:
 def path_feed(payloads: List[bytes]) -> None:
     from .common import Tracker
 
-    tracker = Tracker(0, [1], len(payloads), PAYLOAD, 2)
+    tracker = Tracker(0, [1], len(payloads), len(payloads[0]), 2)
     feed = tracker.feed
     for data in payloads:
         feed(data)
@@ -156,11 +159,11 @@ PATH_FUNCTIONS: Dict[str, Callable[[List[bytes]], None]] = {
 }
 
 
-def count_instructions(path: str, messages: int) -> int:
+def count_instructions(path: str, messages: int, payload: int = PAYLOAD) -> int:
     """Instructions valgrind counts for one fresh interpreter running ``path`` over ``messages`` messages."""
     cmd = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-        sys.executable, "-m", "bench.instructions", "--child", path, str(messages),
+        sys.executable, "-m", "bench.instructions", "--payload", str(payload), "--child", path, str(messages),
     ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONHASHSEED="0")  # the same dict layouts in every run
@@ -171,20 +174,21 @@ def count_instructions(path: str, messages: int) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-def per_message(path: str, messages: int) -> float:
+def per_message(path: str, messages: int, payload: int = PAYLOAD) -> float:
     """What one more message costs on ``path``, in instructions."""
-    return (count_instructions(path, 2 * messages) - count_instructions(path, messages)) / messages
+    return (count_instructions(path, 2 * messages, payload) - count_instructions(path, messages, payload)) / messages
 
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--messages", type=int, default=10_240, help="M: the runs use M and 2*M messages")
+    parser.add_argument("--payload", type=int, default=PAYLOAD, help=f"bytes per message (default {PAYLOAD})")
     parser.add_argument("--child", nargs=2, metavar=("PATH", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         path, n = args.child
-        PATH_FUNCTIONS[path](_payloads(int(n)))
+        PATH_FUNCTIONS[path](_payloads(int(n), args.payload))
         return 0
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = [p for p in paths if p not in PATHS]
@@ -192,14 +196,16 @@ def main(argv: List[str] | None = None) -> int:
         parser.error(f"unknown path(s) {', '.join(unknown)}: choose from {', '.join(PATHS)}")
     if args.messages < RUN or args.messages % RUN:
         parser.error(f"--messages must be a positive multiple of {RUN}")
+    if args.payload < HEADER.size:
+        parser.error(f"--payload must be at least {HEADER.size} bytes (the benchmark's header)")
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
-    print(f"instructions per message ({PAYLOAD} B), Python {sys.version.split()[0]}; "
+    print(f"instructions per message ({args.payload} B), Python {sys.version.split()[0]}; "
           f"valgrind runs of {args.messages} and {2 * args.messages} messages per path", file=sys.stderr)
-    loop = per_message("none", args.messages)
+    loop = per_message("none", args.messages, args.payload)
     for path in paths:
-        print(f"  {path:8s} {per_message(path, args.messages) - loop:8,.0f}", flush=True)
+        print(f"  {path:8s} {per_message(path, args.messages, args.payload) - loop:8,.0f}", flush=True)
     return 0
 
 

@@ -146,7 +146,9 @@ class Hub:
                 if "state" in self._caps:
                     driver.watch_state(self._on_state)  # type: ignore[attr-defined]
                 # Optional fast paths, as the driver declares them: whole runs in, encoded parts out.
-                if "batch" in self._caps:
+                if "tagged" in self._caps:
+                    driver.subscribe_tagged(self._on_remote_tagged, self._on_unreachable)  # type: ignore[attr-defined]
+                elif "batch" in self._caps:
                     driver.subscribe_batch(self._on_remote_batch, self._on_unreachable)  # type: ignore[attr-defined]
                 else:
                     driver.subscribe(self._on_remote, self._on_unreachable)
@@ -400,26 +402,36 @@ class Hub:
         """A batch-aware driver's deliver: many messages of one origin and topic."""
         if self._closed or namespace != self.namespace or origin == self.address:
             return
-        self._received += len(datas)
+        tags = b"".join(map(_tag_of, datas))
+        if len(tags) != len(datas):  # an empty payload has no tag: 0, which the codec does not use
+            tags = bytes(d[0] if d else 0 for d in datas)
+        self._from_remote(namespace, topic, origin, tags, list(map(_after_tag, datas)))
+
+    def _on_remote_tagged(self, namespace: str, topic: str, origin: Address, tags: bytes, values: List[bytes]) -> None:
+        """A ``"tagged"`` driver's deliver: a run with each payload's tag byte split off."""
+        if self._closed or namespace != self.namespace or origin == self.address:
+            return
+        self._from_remote(namespace, topic, origin, tags, values)
+
+    def _from_remote(self, namespace: str, topic: str, origin: Address, tags: bytes, values: List[bytes]) -> None:
+        """Decode a run from another hub and hand it to the topic's subscribers."""
+        self._received += len(values)
         subs = self._subs_for(topic) if self._patterns else self._topics.get(topic)
         if not subs:
             return
-        msgs: List[Message] = []
-        if len(datas) > 1:  # a run: when every message is bytes, or every one str, decode the run in C loops
-            tags = b"".join(map(_tag_of, datas))
+        n = len(values)
+        decoded: Optional[List[Any]] = None
+        if tags.count(_B) == n:  # every one bytes, or every one str: the run is decoded in C loops
+            decoded = values
+        elif tags.count(_S) == n:
             try:
-                if tags.count(_B) == len(datas):
-                    values: Any = map(_after_tag, datas)
-                elif tags.count(_S) == len(datas):
-                    values = list(map(str, map(_after_tag, datas), repeat("utf-8")))
-                else:
-                    values = None
-                if values is not None:
-                    msgs = list(map(_new_message, repeat(Message), zip(repeat(namespace), repeat(topic), values, repeat(origin))))
-            except UnicodeDecodeError:  # one message is not UTF-8: the loop below reports it and keeps the others
-                msgs = []
-        if not msgs:
-            msgs = self._decode_each(namespace, topic, origin, datas)
+                decoded = list(map(str, values, repeat("utf-8")))
+            except UnicodeDecodeError:  # one is not UTF-8: the loop below reports it and keeps the others
+                decoded = None
+        if decoded is not None:
+            msgs = list(map(_new_message, repeat(Message), zip(repeat(namespace), repeat(topic), decoded, repeat(origin))))
+        else:
+            msgs = self._decode_each(namespace, topic, origin, tags, values)
         if len(subs) == 1:
             subs[0]._deliver_many(msgs)
         else:  # message by message, as local delivery does: each message reaches every subscriber first
@@ -427,20 +439,21 @@ class Hub:
                 for sub in subs:
                     sub._deliver(msg)
 
-    def _decode_each(self, namespace: str, topic: str, origin: Address, datas: List[bytes]) -> List[Message]:
+    def _decode_each(
+        self, namespace: str, topic: str, origin: Address, tags: bytes, values: List[bytes]
+    ) -> List[Message]:
         """Decode messages one by one; report (stage ``"delivery"``) and skip those that do not decode."""
         deserialize = self._codec.deserializer
         msgs = []
-        for data in datas:
+        for tag, data in zip(tags, values):
             value: Any
             try:
-                tag = data[0]
                 if tag == TAG_BYTES:
-                    value = data[1:]
+                    value = data
                 elif tag == TAG_STR:
-                    value = data[1:].decode("utf-8")
+                    value = data.decode("utf-8")
                 elif tag == TAG_VALUE:
-                    value = deserialize(data[1:])
+                    value = deserialize(data)
                 else:
                     raise ValueError(f"unknown payload tag {tag!r}")
             except Exception as exc:

@@ -18,7 +18,15 @@ from clustersync.codec import Codec
 from clustersync.relay.link import WorkerLink
 from clustersync.relay.loop import Loop
 from clustersync.relay.router import Peer, Router
-from clustersync.relay.wire import DATA, ProtocolError, check_records, pack_frame, pack_run, parse_records
+from clustersync.relay.wire import (
+    DATA,
+    ProtocolError,
+    check_records,
+    pack_frame,
+    pack_run,
+    parse_records,
+    parse_tagged,
+)
 from clustersync.sync import decode_envelope, encode_envelope
 
 SEED = int(os.environ.get("CLUSTERSYNC_FUZZ_SEED", random.SystemRandom().randrange(2**32)))
@@ -118,13 +126,18 @@ VALID = pack_run(b"o", b"ns", b"t", [b"data", b"more"]) + pack_run(b"p", b"", b"
 
 
 def test_both_record_parsers_raise_only_protocol_error_and_agree(rng: random.Random) -> None:
-    """The primary's check and the worker's parser accept exactly the same bodies, and raise nothing else."""
+    """The primary's check and the worker's parsers accept exactly the same bodies, and raise nothing else."""
     for _ in range(CASES):
         body = _mutated(rng, VALID)
         try:
             runs = parse_records(body)
         except ProtocolError:
             runs = None
+        try:
+            tagged = parse_tagged(body)
+        except ProtocolError:
+            tagged = None
+        assert (tagged is None) == (runs is None), f"{body!r} {_seed()}"  # the two worker parsers agree
         count = sum(len(run[4]) for run in runs) if runs is not None else 3
         try:
             check_records(body, 0, len(body), count)
@@ -148,6 +161,9 @@ def test_record_round_trip(rng: random.Random) -> None:
             expected.append((origin.decode(), to.decode(), ns.decode(), topic.decode(), datas))
         check_records(body, 0, len(body), sum(len(e[4]) for e in expected))
         assert parse_records(body) == expected, _seed()
+        split = [(o, t, n, tp, bytes(d[0] if d else 0 for d in datas), [d[1:] for d in datas])
+                 for o, t, n, tp, datas in expected]
+        assert parse_tagged(body) == split, _seed()
 
 
 def test_worker_frame_handler_drops_what_does_not_parse(rng: random.Random) -> None:
@@ -156,7 +172,10 @@ def test_worker_frame_handler_drops_what_does_not_parse(rng: random.Random) -> N
     try:
         link = WorkerLink(ours, 1, max_message=1 << 20, out_limit=1 << 20, publish_block=0.1)
         got: List[Any] = []
-        link._members[b"c"] = (("h", lambda ns, t, o, datas: got.append(len(datas)), None),)
+        tagged: List[Any] = []
+        # A hub taking plain runs and one taking tagged runs: the frame goes through both parsers.
+        link.add_member(b"c", b"h", lambda ns, t, o, datas: got.append(len(datas)), None)
+        link.add_member(b"c", b"k", lambda ns, t, o, tags, values: tagged.append((tags, values)), None, True)
         for _ in range(CASES):
             try:
                 link._frame(DATA, b"c", 0, 0xFFFF, 1, _mutated(rng, VALID))
@@ -164,6 +183,7 @@ def test_worker_frame_handler_drops_what_does_not_parse(rng: random.Random) -> N
                 pass
         link._frame(DATA, b"c", 0, 0xFFFF, 3, VALID)
         assert got[-2:] == [2, 1]
+        assert tagged[-1] == (b"dm", [b"ata", b"ore"])  # the second run is for hub "h" alone
     finally:
         ours.close()
         theirs.close()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._log import RateLimitedLog, logger
 from ..message import Address
-from ..sync.base import DeliverBatch, OnUnreachable, tell_watcher
+from ..sync.base import OnUnreachable, tell_watcher
 from .loop import start_thread
 from .wire import (
     ACK,
@@ -45,6 +45,9 @@ from .wire import (
     ProtocolError,
     pack_sizes,
     parse_records,
+    parse_tagged,
+    Run,
+    TaggedRun,
 )
 
 __all__ = ["WorkerLink", "current_link", "Route"]
@@ -66,7 +69,8 @@ Route = Tuple[bytes, int, bytes, bytes, bytes, bytes]
 #: Routes a link interns at most (then it starts again: consecutive messages merely share less).
 MAX_ROUTES = 4096
 #: One hub on a channel: (hub id, deliver_batch, on_unreachable).
-Member = Tuple[str, DeliverBatch, Optional[OnUnreachable]]
+#: One hub on a channel: (hub id, deliver, on_unreachable, whether deliver takes runs with their tags split off).
+Member = Tuple[str, Callable[..., Any], Optional[OnUnreachable], bool]
 _pack_size = SIZE.pack
 _pack_run = RUN.pack
 
@@ -151,13 +155,22 @@ class WorkerLink:
     # -- membership --------------------------------------------------------
 
     def add_member(
-        self, channel: bytes, hub_id: bytes, deliver: DeliverBatch, on_unreachable: Optional[OnUnreachable]
+        self,
+        channel: bytes,
+        hub_id: bytes,
+        deliver: Callable[..., Any],
+        on_unreachable: Optional[OnUnreachable],
+        tagged: bool = False,
     ) -> int:
         """Route ``channel`` to ``deliver`` (skipping ``hub_id``'s own messages).
 
-        Returns the sequence number :meth:`wait_acked` waits for.
+        ``deliver(namespace, topic, origin, datas)`` takes a run of messages;
+        with ``tagged``, ``deliver(namespace, topic, origin, tags, values)``
+        takes them with each one's first byte split off (see
+        :func:`~clustersync.relay.wire.parse_tagged`). Returns the sequence
+        number :meth:`wait_acked` waits for.
         """
-        member = (hub_id.decode(), deliver, on_unreachable)
+        member = (hub_id.decode(), deliver, on_unreachable, tagged)
         with self._cond:
             self._members[channel] = self._members.get(channel, ()) + (member,)
             self._sub_seq += 1
@@ -523,7 +536,10 @@ class WorkerLink:
         if kind == DATA:
             members = self._members.get(channel)
             if members:
-                self._dispatch(channel, members, origin, parse_records(body))
+                wants = {m[3] for m in members}  # tagged runs, plain runs, or (rarely) both
+                plain = parse_records(body) if False in wants else None
+                tagged = parse_tagged(body) if True in wants else None
+                self._dispatch(channel, members, origin, plain, tagged)
         elif kind == ACK:
             with self._cond:
                 if channel in self._members:  # an ACK for a channel we have left is stale
@@ -542,32 +558,47 @@ class WorkerLink:
                 self._synced = max(self._synced, count)
                 self._cond.notify_all()
 
-    def _dispatch(self, channel: bytes, members: Tuple[Member, ...], worker: int, runs: List[Any]) -> None:
-        """Hand each run of records to the channel's hubs (all but the publisher; only ``to`` if set)."""
+    def _dispatch(
+        self,
+        channel: bytes,
+        members: Tuple[Member, ...],
+        worker: int,
+        plain: Optional[List[Run]],
+        tagged: Optional[List[TaggedRun]],
+    ) -> None:
+        """Hand each run of records to the channel's hubs (all but the publisher; only ``to`` if set),
+        each in the form it asked for: ``plain`` runs, or ``tagged`` ones (the same runs, tags split off)."""
         mine = worker == self.index
-        for origin, to, ns, topic, datas in runs:
-            self.messages_in += len(datas)
+        runs: List[Any] = plain if plain is not None else tagged  # type: ignore[assignment]
+        for i, run in enumerate(runs):
+            origin, to, ns, topic = run[0], run[1], run[2], run[3]
+            count = len(run[-1])
+            self.messages_in += count
             address = Address(worker, origin)
             found = False
-            for hub_id, deliver, _u in members:
+            for hub_id, deliver, _u, wants_tags in members:
                 if (to and hub_id != to) or (mine and hub_id == origin):
                     continue
                 found = True
                 try:
-                    deliver(ns, topic, address, datas)
+                    if wants_tags:
+                        t = tagged[i]  # type: ignore[index]
+                        deliver(ns, topic, address, t[4], t[5])
+                    else:
+                        deliver(ns, topic, address, plain[i][4])  # type: ignore[index]
                 except Exception:  # the hub contains its own errors; this is a last guard
                     _ratelimited("deliver", logging.ERROR, "delivery failed", exc_info=True)
             if to and not found:
-                self.unreachable += len(datas)
+                self.unreachable += count
                 body = origin.encode() + b"\0" + to.encode()
-                self._control(UNREACHABLE, channel, len(datas), worker, body)
+                self._control(UNREACHABLE, channel, count, worker, body)
 
     def _unreachable(self, channel: bytes, worker: int, count: int, body: bytes) -> None:
         """Addressed messages of one of our hubs found nobody: tell that hub."""
         publisher, _, to = body.partition(b"\0")
         hub_id = publisher.decode("utf-8", "replace")
         destination: Any = Address(worker, to.decode("utf-8", "replace")) if to else worker
-        for member_id, _d, on_unreachable in self._members.get(channel, ()):
+        for member_id, _d, on_unreachable, _t in self._members.get(channel, ()):
             if member_id == hub_id and on_unreachable is not None:
                 on_unreachable(destination, count)
 

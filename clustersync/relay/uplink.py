@@ -110,7 +110,8 @@ class _Link(WorkerLink):
 
     bridge: "UplinkBridge"
 
-    def _dispatch(self, channel: bytes, members: Any, worker: int, runs: List[Any]) -> None:
+    def _dispatch(self, channel: bytes, members: Any, worker: int, plain: Any, tagged: Any) -> None:
+        runs: List[Any] = plain or []  # the bridge's member takes plain runs: it forwards payloads as they are
         self.messages_in += sum(len(run[4]) for run in runs)
         self.bridge.from_relay(channel, worker, runs)
 

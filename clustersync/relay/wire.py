@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import struct
 from itertools import accumulate, islice
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Iterator, List, Sequence, Tuple
 
 __all__ = [
     "HEADER",
@@ -83,10 +83,12 @@ __all__ = [
     "pack_sizes",
     "check_records",
     "parse_records",
+    "parse_tagged",
     "max_body",
     "FRAME_TARGET",
     "MAX_RECORD_OVERHEAD",
     "Run",
+    "TaggedRun",
 ]
 
 HEADER = struct.Struct("<IBBHHI")
@@ -125,6 +127,8 @@ MAX_ADVERTS = 4096
 
 #: One run of records: (origin hub id, to hub id, namespace, topic, datas), names decoded.
 Run = Tuple[str, str, str, str, List[bytes]]
+#: One run with each message's first byte split off: (origin, to, namespace, topic, tags, values).
+TaggedRun = Tuple[str, str, str, str, bytes, List[bytes]]
 
 
 class ProtocolError(ValueError):
@@ -166,27 +170,13 @@ def check_records(buf: Any, pos: int, end: int, count: int) -> None:
     and fill the range, every run with at least one message, a non-empty
     origin and UTF-8 names.
     """
-    unpack_run = RUN.unpack_from
     unpack = struct.unpack_from
     total = 0
     if count < 1:
         raise ProtocolError("a DATA frame must carry at least one message")
     while pos < end:
-        if end - pos < 10:
-            raise ProtocolError("truncated run header")
-        n, olen, tolen, nlen, tlen = unpack_run(buf, pos)
-        pos += 10
-        names_end = pos + olen + tolen + nlen + tlen
-        sizes_end = names_end + 4 * n
-        if not n or not olen:
-            raise ProtocolError("a run without messages or without an origin")
-        if sizes_end > end:
-            raise ProtocolError("a run's names or sizes run past the end of its frame")
-        try:
-            str(buf[pos:names_end], "utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError("names that are not UTF-8") from None
-        pos = sizes_end + sum(unpack(f"<{n}I", buf, names_end))
+        n, sizes_at, data_at = _run_head(buf, pos, end)[4:]
+        pos = data_at + sum(unpack(f"<{n}I", buf, sizes_at))
         total += n
     if pos != end:
         raise ProtocolError("a run's data runs past the end of its frame")
@@ -209,49 +199,71 @@ def run_spans(buf: Any, pos: int, end: int) -> List[Tuple[bytes, int, int, int]]
     return spans
 
 
+def _run_head(body: Any, pos: int, end: int) -> Tuple[str, str, str, str, int, int, int]:
+    """The run at ``pos``: ``(origin, to, ns, topic, n, sizes_at, data_at)``, its header and names checked."""
+    if end - pos < 10:
+        raise ProtocolError("truncated run header")
+    n, olen, tolen, nlen, tlen = RUN.unpack_from(body, pos)
+    pos += 10
+    o_end = pos + olen
+    to_end = o_end + tolen
+    n_end = to_end + nlen
+    t_end = n_end + tlen
+    sizes_end = t_end + 4 * n
+    if not n or not olen:
+        raise ProtocolError("a run without messages or without an origin")
+    if sizes_end > end:
+        raise ProtocolError("a run's names or sizes run past the end of its frame")
+    try:
+        return (
+            body[pos:o_end].decode(), body[o_end:to_end].decode(), body[to_end:n_end].decode(),
+            body[n_end:t_end].decode(), n, t_end, sizes_end,
+        )
+    except UnicodeDecodeError:
+        raise ProtocolError("names that are not UTF-8") from None
+
+
+def _spans(body: bytes) -> Iterator[Tuple[str, str, str, str, Tuple[int, ...], List[int]]]:
+    """Each run of a body, checked: its names, its messages' sizes, and where each message starts and ends."""
+    end = len(body)
+    pos = 0
+    while pos < end:
+        origin, to, ns, topic, n, sizes_at, data_at = _run_head(body, pos, end)
+        sizes = struct.unpack_from(f"<{n}I", body, sizes_at)
+        offsets = list(accumulate(sizes, initial=data_at))
+        pos = offsets[-1]
+        if pos > end:
+            raise ProtocolError("a run's data runs past the end of its frame")
+        yield origin, to, ns, topic, sizes, offsets
+
+
 def parse_records(body: bytes) -> List[Run]:
     """Return the runs in a DATA frame's body (a worker's parser).
 
     Raises :class:`ProtocolError`, and nothing else, on any malformed input.
     """
-    unpack_run = RUN.unpack_from
-    unpack = struct.unpack_from
-    end = len(body)
-    pos = 0
-    runs: List[Run] = []
-    while pos < end:
-        if end - pos < 10:
-            raise ProtocolError("truncated run header")
-        n, olen, tolen, nlen, tlen = unpack_run(body, pos)
-        pos += 10
-        o_end = pos + olen
-        to_end = o_end + tolen
-        n_end = to_end + nlen
-        t_end = n_end + tlen
-        sizes_end = t_end + 4 * n
-        if not n or not olen:
-            raise ProtocolError("a run without messages or without an origin")
-        if sizes_end > end:
-            raise ProtocolError("a run's names or sizes run past the end of its frame")
-        try:
-            origin = body[pos:o_end].decode()
-            to = body[o_end:to_end].decode()
-            ns = body[to_end:n_end].decode()
-            topic = body[n_end:t_end].decode()
-        except UnicodeDecodeError:
-            raise ProtocolError("names that are not UTF-8") from None
-        if n == 1:
-            (size,) = unpack("<I", body, t_end)
-            stop = sizes_end + size
-            datas = [body[sizes_end:stop]]
+    return [
+        (origin, to, ns, topic, [body[a:b] for a, b in zip(offsets, islice(offsets, 1, None))])
+        for origin, to, ns, topic, _sizes, offsets in _spans(body)
+    ]
+
+
+def parse_tagged(body: bytes) -> List[TaggedRun]:
+    """Like :func:`parse_records`, with each message's first byte (the hub's codec tag) split off.
+
+    A run comes back as ``(origin, to, ns, topic, tags, values)``: ``tags[i]`` is
+    the first byte of message ``i`` (0, which no codec uses, for an empty
+    message) and ``values[i]`` the rest, each cut from the body once. Accepts
+    and refuses exactly what :func:`parse_records` does.
+    """
+    runs: List[TaggedRun] = []
+    for origin, to, ns, topic, sizes, offsets in _spans(body):
+        pairs = zip(offsets, islice(offsets, 1, None))
+        if 0 in sizes:
+            tags = bytes(body[a] if b > a else 0 for a, b in pairs)
         else:
-            offsets = list(accumulate(unpack(f"<{n}I", body, t_end), initial=sizes_end))
-            stop = offsets[-1]
-            datas = [body[a:b] for a, b in zip(offsets, islice(offsets, 1, None))]
-        if stop > end:
-            raise ProtocolError("a run's data runs past the end of its frame")
-        runs.append((origin, to, ns, topic, datas))
-        pos = stop
+            tags = bytes(map(body.__getitem__, islice(offsets, len(sizes))))
+        runs.append((origin, to, ns, topic, tags, [body[a + 1 : b] for a, b in zip(offsets, islice(offsets, 1, None))]))
     return runs
 
 

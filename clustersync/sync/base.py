@@ -8,6 +8,9 @@ set and never probes with ``hasattr``:
 
 - ``"batch"``: :class:`BatchSubscriber`, ``subscribe_batch(deliver_batch)``
   hands over runs of one origin and topic at once;
+- ``"tagged"``: :class:`TaggedSubscriber`, ``subscribe_tagged(deliver_tagged)``
+  like ``"batch"``, with each payload's tag byte already split off, so the
+  hub does not cut every payload a second time (the hub prefers it);
 - ``"parts"``: :class:`PartsPublisher`, ``publish_parts(namespace, topic, data, to)``
   takes the encoded parts without a ``Message`` (the hub's fast path);
 - ``"sender"``: :class:`Sender`, ``sender(namespace, topic)`` returns a
@@ -54,6 +57,8 @@ __all__ = [
     "DriverFactory",
     "Deliver",
     "DeliverBatch",
+    "DeliverTagged",
+    "TaggedSubscriber",
     "OnUnreachable",
     "BatchSubscriber",
     "PartsPublisher",
@@ -83,10 +88,13 @@ __all__ = [
 Deliver = Callable[[Message], Any]
 #: ``deliver_batch(namespace, topic, origin, datas)``: many messages of one origin and topic at once.
 DeliverBatch = Callable[[str, str, Address, List[bytes]], Any]
+#: ``deliver_tagged(namespace, topic, origin, tags, values)``: a run with each payload's first byte (the
+#: codec's tag) split off: ``tags[i]`` is message ``i``'s (0 for an empty payload), ``values[i]`` the rest.
+DeliverTagged = Callable[[str, str, Address, bytes, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "parts", "sender", "ready", "stats", "limit", "presence", "state", "address", "interest"})
+CAPABILITIES = frozenset({"batch", "tagged", "parts", "sender", "ready", "stats", "limit", "presence", "state", "address", "interest"})
 
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
@@ -147,6 +155,15 @@ class BatchSubscriber(Protocol):
 
     def subscribe_batch(self, deliver_batch: DeliverBatch, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Like ``subscribe``, a run of one origin and topic at a time."""
+
+
+class TaggedSubscriber(Protocol):
+    """Capability ``"tagged"``."""
+
+    def subscribe_tagged(
+        self, deliver_tagged: DeliverTagged, on_unreachable: Optional[OnUnreachable] = None
+    ) -> None:
+        """Like ``subscribe_batch``, with each payload's tag byte split off."""
 
 
 class PartsPublisher(Protocol):
@@ -247,9 +264,15 @@ class ClusterTransport(Protocol):
     max_message: int
 
     def add_member(
-        self, channel: bytes, hub_id: bytes, deliver: DeliverBatch, on_unreachable: Optional[OnUnreachable]
+        self,
+        channel: bytes,
+        hub_id: bytes,
+        deliver: Callable[..., Any],
+        on_unreachable: Optional[OnUnreachable],
+        tagged: bool = False,
     ) -> int:
-        """Route ``channel`` to ``deliver``; return the sequence number ``wait_acked`` waits for."""
+        """Route ``channel`` to ``deliver`` (a ``DeliverBatch``, or with ``tagged`` a ``DeliverTagged``);
+        return the sequence number ``wait_acked`` waits for."""
 
     def remove_member(self, channel: bytes, hub_id: bytes) -> None:
         """Stop routing ``channel`` to ``hub_id``."""

@@ -20,6 +20,7 @@ from .base import (
     ClusterTransport,
     Deliver,
     DeliverBatch,
+    DeliverTagged,
     DriverFactory,
     OnUnreachable,
     PresenceWatcher,
@@ -41,7 +42,7 @@ _NOT_A_WORKER = (
 )
 
 
-_CAPABILITIES = frozenset({"batch", "parts", "sender", "ready", "stats", "limit", "presence", "interest"})
+_CAPABILITIES = frozenset({"batch", "tagged", "parts", "sender", "ready", "stats", "limit", "presence", "interest"})
 #: The environment variable that names the bus a process outside the workers joins.
 BUS_ENV = "CLUSTERSYNC_BUS"
 
@@ -77,6 +78,14 @@ class ClusterDriver:
 
     def subscribe_batch(self, deliver_batch: DeliverBatch, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel, taking messages a run at a time: ``deliver_batch(namespace, topic, origin, datas)``."""
+        self._join(deliver_batch, on_unreachable, False)
+
+    def subscribe_tagged(self, deliver_tagged: DeliverTagged, on_unreachable: Optional[OnUnreachable] = None) -> None:
+        """Join the channel, taking runs with each payload's tag byte split off:
+        ``deliver_tagged(namespace, topic, origin, tags, values)``."""
+        self._join(deliver_tagged, on_unreachable, True)
+
+    def _join(self, deliver: Callable[..., Any], on_unreachable: Optional[OnUnreachable], tagged: bool) -> None:
         link: Optional[ClusterTransport]
         if self.bus is not None:
             bus: BusTransport = bus_transport(self.bus)
@@ -87,7 +96,7 @@ class ClusterDriver:
             link = cluster_transport()
         if link is None:
             raise RuntimeError(_NOT_A_WORKER)
-        self._seq = link.add_member(self._chan, self._hid, deliver_batch, on_unreachable)
+        self._seq = link.add_member(self._chan, self._hid, deliver, on_unreachable, tagged)
         self._link = link
 
     def watch_state(self, fn: Callable[[bool, Optional[BaseException]], Any]) -> None:
