@@ -256,7 +256,7 @@ class Hub:
                 fast = self._publish_parts
                 if fast is not None:
                     fast(namespace, topic, wire, to)
-                    if to is None and "sender" in self._caps and topic not in self._senders:
+                    if to is None and namespace == self.namespace and "sender" in self._caps and topic not in self._senders:
                         self._keep_sender(topic)
                 else:
                     driver.publish(Message(namespace, topic, wire, self.address), to)
