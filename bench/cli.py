@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hard limit for one run in seconds, setup included (default 120, quick 30)")
     p.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork",
                    help="start method of the clustersync row's workers (default fork)")
+    p.add_argument("--consume", choices=("callback", "get", "async"), default="callback",
+                   help="how the clustersync row's workers take messages: a callback subscription (default), "
+                   "a thread looping on sub.get(), or an asyncio loop with async for")
     p.add_argument("--primary-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra keyword for the clustersync row's setup_primary_cluster(), e.g. "
                    "max_buffer=134217728 (repeatable)")
@@ -93,6 +96,12 @@ def resolve(args) -> argparse.Namespace:
         if bad:
             raise SystemExit("unknown scenario(s): %s (choose from %s)" % (", ".join(bad), ", ".join(SCENARIOS)))
     args.rows = [r for r in ROWS if r in args.only] if args.only else list(ROWS)  # table order
+    one_source = [sc for sc in SCENARIOS if sc != "all_to_all"]  # a receiver there has one publisher
+    if args.consume != "callback":
+        if args.scenarios and "all_to_all" in args.scenarios:
+            raise SystemExit("--consume %s: all_to_all has several publishers per receiver; choose from %s"
+                             % (args.consume, ", ".join(one_source)))
+        args.scenarios = args.scenarios or one_source
     args.scenarios = args.scenarios or list(SCENARIOS)
     args.workers = args.workers or [4, 8]
     args.payloads = args.payloads or [100, 4096]
@@ -347,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         v = versions.get(r) or ""
         extra = ""
         if r == "clustersync":
-            extra = "start method %s" % args.start_method
+            extra = "start method %s, consume %s" % (args.start_method, args.consume)
             for key, value in args.primary_options.items():
                 extra += ", %s=%s" % (key, value)
         detail = ", ".join(x for x in (v, extra) if x)
@@ -359,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in skipped:
             print(skipped[name], flush=True)
 
-    options = {"start_method": args.start_method, "primary_options": args.primary_options}
+    options = {"start_method": args.start_method, "primary_options": args.primary_options, "consume": args.consume}
     pilot_failures: dict[str, int] = {}
     results: dict[tuple, dict] = {}
     records: list[dict] = []
@@ -455,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": args.seconds,
             "messages": args.messages,
             "start_method": args.start_method,
+            "consume": args.consume,
             "primary_options": args.primary_options,
             "rows": rows,
             "versions": versions,

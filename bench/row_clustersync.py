@@ -58,6 +58,7 @@ def _worker(wid: int, spec_d: dict, ctl_address: str, authkey: bytes) -> None:
     tracker = Tracker(wid, sources, spec.messages, spec.payload, spec.workers) if sources else None
     deadline = spec.deadline
     hub = None
+    consumer = None
     done = threading.Event()
     try:
         from clustersync import Hub
@@ -107,8 +108,13 @@ def _worker(wid: int, spec_d: dict, ctl_address: str, authkey: bytes) -> None:
                 if feed(msg.data):
                     done.set()
 
-        for p in sources:
-            hub.subscribe(topic_name(p), on_msg)
+        consume = spec.options.get("consume", "callback")
+        consumer = None
+        if consume == "callback":
+            for p in sources:
+                hub.subscribe(topic_name(p), on_msg)
+        elif sources:  # one publisher per receiver (the harness refuses all_to_all here)
+            consumer = _consumer(hub, hub.subscribe(topic_name(sources[0])), on_msg, done, consume, res)
         if not hub.wait_ready(timeout=max(0.1, min(10.0, deadline - time.monotonic()))):
             raise RuntimeError("hub.wait_ready() returned False")
         ctl.ready_and_wait(deadline)
@@ -139,10 +145,47 @@ def _worker(wid: int, spec_d: dict, ctl_address: str, authkey: bytes) -> None:
         res["error"] = traceback.format_exc()
     try:
         if hub is not None:
-            hub.close()  # flushes what is still queued for the other workers
+            hub.close()  # flushes what is still queued for the other workers; ends a consumer's loop
+        if consumer is not None:
+            consumer.join(5.0)
     except BaseException:
         res.setdefault("error", traceback.format_exc())
     ctl.finish(res, tracker, wid in spec.active, deadline)
+
+
+def _consumer(hub, sub, on_msg, done, consume: str, res: dict) -> threading.Thread:
+    """A thread taking messages from the queue subscription ``sub`` as an application would:
+    ``for msg in sub`` (``get``), or ``async for msg in sub`` on an asyncio loop of its own
+    (``async``, reading the worker's pipe on that loop). It ends when the hub closes."""
+
+    def run_get() -> None:
+        for msg in sub:
+            on_msg(msg)
+            if done.is_set():
+                return
+
+    async def run_async() -> None:
+        hub.read_on_loop()
+        async for msg in sub:
+            on_msg(msg)
+            if done.is_set():
+                return
+
+    def run() -> None:
+        try:
+            if consume == "get":
+                run_get()
+            else:
+                import asyncio
+
+                asyncio.run(run_async())
+        except BaseException:
+            res["error"] = traceback.format_exc()
+            done.set()
+
+    thread = threading.Thread(target=run, name="bench-consumer", daemon=True)
+    thread.start()
+    return thread
 
 
 def conduct(spec_d: dict) -> dict:

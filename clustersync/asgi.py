@@ -53,6 +53,7 @@ async def hub(
     channel: str,
     sync: Optional[DriverFactory] = None,
     ready_timeout: float = READY_TIMEOUT,
+    read_on_loop: bool = False,
     **options: Any,
 ) -> AsyncIterator[Hub]:
     """An async context manager for a lifespan: open a :class:`Hub`, wait until it is ready, close it at the end.
@@ -62,11 +63,16 @@ async def hub(
     :class:`Hub` (``namespace``, ``on_error``, ``serializer``...). Raises
     ``RuntimeError`` if the backplane is not ready within ``ready_timeout``
     seconds, which fails the app's startup (and so the worker's boot).
+    ``read_on_loop``: the app's event loop reads the worker's pipe
+    (:meth:`Hub.read_on_loop`): ``async for`` wakes with no hand-off, and
+    callback subscriptions run on the loop.
     """
     opened = Hub(sync=sync if sync is not None else default_sync(channel), **options)
     try:
         if not await asyncio.to_thread(opened.wait_ready, ready_timeout):
             raise RuntimeError(f"the hub on channel {channel!r} was not ready within {ready_timeout} s")
+        if read_on_loop:
+            opened.read_on_loop()
         yield opened
     finally:
         opened.close()

@@ -7,6 +7,7 @@ that hubs elsewhere get it too. See docs/hub.md and docs/delivery.md.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -57,6 +58,10 @@ _after_tag = itemgetter(slice(1, None))
 ErrorHandler = Callable[[BaseException, str], Any]
 #: Failures that are conditions, not bugs: logged as one line, without a traceback.
 _EXPECTED = (BufferError, DestinationUnreachable, ConnectionError, TimeoutError)
+
+
+def _nothing() -> None:
+    """No thread reads a backplane in get() without the capability "reading": nothing to interrupt."""
 
 
 class Hub:
@@ -127,6 +132,10 @@ class Hub:
         self._driver: Optional[SyncDriver] = None
         self._caps: FrozenSet[str] = frozenset()
         self._publish_parts: Optional[Callable[..., Any]] = None
+        # The driver's read_until (capability "reading"): a thread waiting in get() reads the backplane itself;
+        # and what tells it that its queue got a message another way.
+        self._read_until: Optional[Callable[..., Any]] = None
+        self._interrupt_reading: Callable[[], Any] = _nothing
         # Topics published to all before -> the driver's sender for each (capability "sender") and the topic's
         # local subscriptions: the fast path. Any change of the subscriptions empties it.
         self._senders: Dict[str, Tuple[Callable[[bytes], Any], Tuple[Subscription, ...]]] = {}
@@ -154,6 +163,9 @@ class Hub:
                     driver.subscribe(self._on_remote, self._on_unreachable)
                 if "parts" in self._caps:
                     self._publish_parts = driver.publish_parts  # type: ignore[attr-defined]
+                if "reading" in self._caps:
+                    self._read_until = driver.read_until  # type: ignore[attr-defined]
+                    self._interrupt_reading = driver.interrupt_reading  # type: ignore[attr-defined]
                 if "address" in self._caps:  # the backplane says where this hub is (a bus peer's index)
                     self.address = driver.address  # type: ignore[attr-defined]
                 if "limit" in self._caps:
@@ -512,6 +524,26 @@ class Hub:
             exc_info=None if isinstance(exc, _EXPECTED) else (type(exc), exc, exc.__traceback__),
         )
 
+    def read_on_loop(self) -> bool:
+        """Read this process's backplane on the running event loop from now on; call it on that loop.
+
+        With the ``cluster`` driver, the worker's pipe is then read by the
+        loop itself: ``async for msg in sub`` gets each message with no
+        hand-off from another thread, and every callback subscription of
+        every hub in the worker runs on the loop (so it must not block it).
+        It lasts until this hub closes or the loop does. Returns False, and
+        changes nothing, when the backplane has no such mode (every other
+        driver, or a hub without one): delivery stays on the driver's thread.
+        Raises ``RuntimeError`` outside a running loop, or while another
+        loop of this process reads the pipe.
+        """
+        loop = asyncio.get_running_loop()  # RuntimeError: no running event loop
+        driver = self._driver
+        if driver is None or "reading" not in self._caps or not self._sync_live:
+            return False
+        driver.read_on_loop(loop)  # type: ignore[attr-defined]
+        return True
+
     # -- state -------------------------------------------------------------
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
@@ -576,6 +608,7 @@ class Hub:
         driver, self._driver = self._driver, None
         self._sync_live = False
         self._publish_parts = None
+        self._read_until = None
         if driver is not None:
             try:
                 driver.close()

@@ -26,6 +26,8 @@ __all__ = [
     "is_pattern",
     "compile_pattern",
     "Matcher",
+    "delivering",
+    "delivering_on",
 ]
 
 #: The largest encoded message (tag byte and payload) a hub accepts by default.
@@ -92,6 +94,24 @@ class DestinationUnreachable(LookupError):
 
 
 T = TypeVar("T")
+
+
+_delivery = threading.local()
+
+
+def delivering() -> bool:
+    """True on a thread that is handing messages to hubs right now (inside a subscriber's callback).
+
+    A blocking call made there that waits for a message could only be answered
+    by the same thread: callers refuse it (see ``Services.call``).
+    """
+    return bool(getattr(_delivery, "on", False))
+
+
+def delivering_on(on: bool) -> None:
+    """Mark (or unmark) the current thread as delivering (drivers do, around a delivery on a thread they
+    do not own: a thread waiting in ``get()``, an event loop)."""
+    _delivery.on = on
 
 
 class BoundedQueue(Generic[T]):
@@ -166,6 +186,10 @@ class BoundedQueue(Generic[T]):
             if self._items:
                 return self._items.popleft()
             raise EOFError("the queue is closed")
+
+    def ready(self) -> bool:
+        """Would :meth:`get` return at once (an item waits, or the queue is closed)?"""
+        return bool(self._items) or self.closed
 
     def get_nowait_locked(self) -> Optional[T]:
         """With :attr:`cond` held: the oldest item, or None if there is none."""

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 
 from ._log import logger
 from .hub import Hub
-from .message import Address, Message
+from .message import Address, Message, delivering
 
 __all__ = [
     "Services",
@@ -694,7 +694,7 @@ _DELIVERY_THREADS = ("clustersync-reader", "clustersync-broadcast-")
 
 def _not_on_a_delivery_thread() -> None:
     """A blocking call on the thread that would deliver its answer can only time out: refuse it at once."""
-    if threading.current_thread().name.startswith(_DELIVERY_THREADS):
+    if delivering() or threading.current_thread().name.startswith(_DELIVERY_THREADS):
         raise RuntimeError(
             "a blocking call from a subscription callback would wait for an answer that the same thread "
             "delivers: call from another thread, or schedule call_async on your event loop"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -38,7 +39,7 @@ class Subscription:
     for :meth:`get`, ``for msg in sub`` or ``async for msg in sub``.
     """
 
-    __slots__ = ("hub", "topic", "callback", "maxsize", "_queue", "_closed", "_waiters", "_active", "_idle")
+    __slots__ = ("hub", "topic", "callback", "maxsize", "_queue", "_closed", "_waiters", "_active", "_idle", "_readers")
 
     def __init__(self, hub: "Hub", topic: str, callback: Optional[Callback], maxsize: int) -> None:
         self.hub = hub
@@ -51,6 +52,9 @@ class Subscription:
         # Callbacks: the threads delivering right now (see _deliver), and what wakes unsubscribe().
         self._active: List[int] = []
         self._idle = threading.Event()
+        # Threads in get() reading the backplane themselves (capability "reading"): a message that reaches
+        # the queue another way, or a close, must interrupt the one that polls.
+        self._readers = 0
 
     @property
     def closed(self) -> bool:
@@ -128,6 +132,8 @@ class Subscription:
             return
         queue.put_many(msgs)
         self.hub._delivered += len(msgs)
+        if self._readers:
+            self.hub._interrupt_reading()
         if self._waiters:
             with queue.cond:
                 self._wake_async()
@@ -145,7 +151,14 @@ class Subscription:
 
     def _wake_async(self) -> None:
         waiters, self._waiters = self._waiters, []
+        try:
+            running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
         for loop, fut in waiters:
+            if loop is running:  # delivered on that loop (Hub.read_on_loop): no wake-up through its self-pipe
+                _resolve(fut)
+                continue
             try:
                 loop.call_soon_threadsafe(_resolve, fut)
             except RuntimeError:  # that event loop is closed
@@ -161,8 +174,22 @@ class Subscription:
         """
         if self.callback is not None:
             raise RuntimeError("this subscription has a callback; get() is for queue subscriptions")
+        queue = self._queue
+        read = self.hub._read_until
+        if read is not None and not queue.ready():
+            # Read the backplane on this thread (capability "reading"): the message comes with no hand-off.
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with queue.cond:
+                self._readers += 1
+            try:
+                read(queue.ready, timeout, queue.cond)
+            finally:
+                with queue.cond:
+                    self._readers -= 1
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
         try:
-            return self._queue.get(timeout)
+            return queue.get(timeout)
         except TimeoutError:
             raise TimeoutError(f"no message on {self.topic!r} within {timeout} s") from None
         except EOFError:
@@ -229,6 +256,8 @@ class Subscription:
             self._idle.clear()
         queue = self._queue
         queue.close()
+        if self._readers:
+            self.hub._interrupt_reading()
         with queue.cond:
             self._wake_async()
 

@@ -118,10 +118,10 @@ class Room:
         self.clients: Set["asyncio.Queue[Optional[Dict[str, Any]]]"] = set()
         self.numbers = itertools.count(1)
         self.worker = worker_index()
-        hub.subscribe("chat", self._deliver)  # on the hub's delivering thread (or this one, for our own)
+        hub.subscribe("chat", self._deliver)  # on this loop (read_on_loop), or on the driver's thread when alone
 
     def _deliver(self, msg: Message) -> None:
-        self.loop.call_soon_threadsafe(self._fan_out, msg.data)
+        self.loop.call_soon_threadsafe(self._fan_out, msg.data)  # correct from any thread
 
     def _fan_out(self, data: Dict[str, Any]) -> None:
         for queue in list(self.clients):
@@ -148,7 +148,8 @@ class Room:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[Dict[str, Any]]:
-    async with clustersync.asgi.hub(channel="chat") as hub:
+    # read_on_loop: this loop reads the worker's pipe, so the room's callback runs here, with no thread between.
+    async with clustersync.asgi.hub(channel="chat", read_on_loop=True) as hub:
         room = Room(hub)
         await asyncio.to_thread(hub.wait_ready, 10)  # the relay has the room's subscription: serve after it
         yield {"room": room}

@@ -82,6 +82,15 @@ def serve(sync, rfile, wfile):
 
     for topic in ("news", "ask", "answer"):
         hub.subscribe(topic, on_message)
+    queued = hub.subscribe("queued")
+
+    def drain():  # a thread waiting in get() the whole time: it reads the pipe whenever it waits
+        for msg in queued:
+            emit(ev="queued", data=msg.data, on_getter=getter_reads[0])
+
+    getter_reads = [False]
+    hub.subscribe("queued", lambda msg: getter_reads.__setitem__(0, threading.current_thread().name == "getter"))
+    threading.Thread(target=drain, name="getter", daemon=True).start()
     emit(ev="ready", ok=hub.wait_ready(20), pid=os.getpid(), uid=os.getuid(), address=me)
     for line in rfile:
         cmd = json.loads(line)
@@ -605,6 +614,12 @@ def test_peers_and_forked_workers_exchange_exactly_once(bus_dir: str, caplog: py
 
             exchange(everyone, "one")
 
+            # Every party has a thread waiting in get() on "queued": it reads the message itself.
+            w0.publish("queued", "q1")
+            for p in (w1, a, b):
+                p.wait(lambda evs: any(e["ev"] == "queued" for e in evs), "the queued message")
+                assert [(e["data"], e["on_getter"]) for e in p.events("queued")] == [("q1", True)], p.name
+
             # to=msg.origin: a peer asks, the others answer it alone; then a worker asks.
             for asker in (a, w0):
                 asker.publish("ask", {"id": f"ask:{asker.name}"})
@@ -918,6 +933,8 @@ def test_the_relay_stops_on_a_signal_and_its_hubs_are_told(bus_dir: str, sig: in
         a.publish("news", {"id": "after"})
         a.wait(lambda evs: any(e["ev"] == "published" for e in evs), "the process stopped answering")
         assert [e["data"] for e in a.got("news")] == [{"id": "after"}]  # its own subscribers still get it
+        a.publish("queued", "after")  # the thread that waited in get() when the relay went is still there
+        a.wait(lambda evs: any(e["ev"] == "queued" for e in evs), "the thread in get() is gone")
         a.exit()
         assert proc.wait() == 0, proc.output()
     finally:

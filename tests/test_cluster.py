@@ -144,10 +144,20 @@ def test_primary_rejects_bad_options() -> None:
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(
-    "target,method", [("sleeper", "fork"), ("busy", "fork"), ("spin", "fork"), ("spin", "spawn"), ("spin", "forkserver")]
+    "target,method",
+    [
+        ("sleeper", "fork"),
+        ("busy", "fork"),
+        ("spin", "fork"),
+        ("spin", "spawn"),
+        ("spin", "forkserver"),
+        ("getter", "fork"),
+        ("looper", "fork"),
+    ],
 )
 def test_worker_exits_when_the_primary_dies(tmp_path: Any, target: str, method: str) -> None:
-    """SIGKILL the primary, idle, under heavy traffic or holding the GIL in a C call: every worker exits within 2 s."""
+    """SIGKILL the primary, idle, under heavy traffic, holding the GIL in a C call, or while the application's
+    thread (in get()) or event loop reads the pipe: every worker exits within 2 s."""
     script = tmp_path / "primary.py"
     script.write_text(
         textwrap.dedent(

@@ -965,3 +965,226 @@ def kept_sender_values(results: Any, barrier: Any) -> None:
     results.put((me, got, errors, hub.stats()["published"]))
     barrier.wait(20)
     hub.close()
+
+
+def getter(results: Any) -> None:
+    """Report the pid, then wait in ``get()`` forever: this thread reads the pipe, and sees it close."""
+    hub = Hub(sync=cluster(channel="getter"))
+    sub = hub.subscribe("never")
+    hub.wait_ready(10)
+    results.put(os.getpid())
+    while True:
+        sub.get()
+
+
+def looper(results: Any) -> None:
+    """Report the pid, then wait in ``async for`` forever on a loop that reads the pipe."""
+    hub = Hub(sync=cluster(channel="looper"))
+    sub = hub.subscribe("never")
+    hub.wait_ready(10)
+
+    async def main() -> None:
+        assert hub.read_on_loop()
+        results.put(os.getpid())
+        async for _msg in sub:
+            pass
+
+    asyncio.run(main())
+
+
+def _fg_readers(count: int) -> Any:
+    """A predicate: ``count`` threads are reading this worker's pipe in get()."""
+    from clustersync.relay.link import current_link
+
+    link = current_link()
+    assert link is not None
+    return lambda: link._fg == count
+
+
+def get_readers(results: Any, barrier: Any) -> None:
+    """Worker 1 waits in get() on two threads, A (topic a) and B (topic b, twice); worker 0 publishes
+    b1, then a1, then b2, each once worker 1 is in the state that step needs. A callback on each topic
+    says which thread delivered."""
+    import threading
+
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="readers"))
+    if me == 0:
+        assert hub.wait_ready(10)
+        for topic, data in (("b", "b1"), ("a", "a1"), ("b", "b2"), ("c", "c1")):
+            barrier.wait(20)
+            hub.publish(topic, data)
+        barrier.wait(20)
+        results.put((me, None))
+        hub.close()
+        return
+    from clustersync.services import Services
+
+    services = Services(hub)
+    delivered: Dict[str, int] = {}
+    refused: List[str] = []
+
+    def record(msg: Message) -> None:
+        delivered[msg.data] = threading.get_ident()
+        if msg.data == "b1":  # on thread A: a blocking call here would wait for itself
+            try:
+                services.call("nowhere", "get", timeout=5)
+            except RuntimeError as exc:
+                refused.append(str(exc))
+
+    for topic in ("a", "b", "c"):
+        hub.subscribe(topic, record)
+    sub_a, sub_b = hub.subscribe("a"), hub.subscribe("b")
+    assert hub.wait_ready(10)
+    got: Dict[str, Any] = {}
+    threads: Dict[str, int] = {}
+
+    def take(name: str, sub: Any, count: int) -> None:
+        threads[name] = threading.get_ident()
+        for i in range(count):
+            try:
+                got[f"{name}{i}"] = sub.get(15).data
+            except Exception as exc:  # a TimeoutError here is the failure the test looks for
+                got[f"{name}{i}"] = repr(exc)
+
+    a = threading.Thread(target=take, args=("A", sub_a, 1))
+    a.start()
+    assert _wait(_fg_readers(1), 10)  # A holds the reading role
+    b = threading.Thread(target=take, args=("B", sub_b, 2))
+    b.start()
+    assert _wait(_fg_readers(2), 10)
+    barrier.wait(20)  # -> b1: A reads it, B gets it
+    assert _wait(lambda: "B0" in got, 20)
+    assert _wait(_fg_readers(2), 10)  # B waits again, A still
+    a_waiting_when_b_got = a.is_alive()
+    barrier.wait(20)  # -> a1: A gets it and leaves; B takes the role
+    a.join(20)
+    assert _wait(_fg_readers(1), 10)
+    barrier.wait(20)  # -> b2: B reads it itself
+    b.join(20)
+    barrier.wait(20)  # -> c1, with nobody in get(): the reader thread delivers it
+    assert _wait(lambda: "c1" in delivered, 10)
+    barrier.wait(20)
+    results.put((me, {
+        "got": got,
+        "a_waiting_when_b_got": a_waiting_when_b_got,
+        "b1_on": "A" if delivered.get("b1") == threads["A"] else delivered.get("b1"),
+        "a1_on": "A" if delivered.get("a1") == threads["A"] else delivered.get("a1"),
+        "b2_on": "B" if delivered.get("b2") == threads["B"] else delivered.get("b2"),
+        "c1_on_a_getter": delivered.get("c1") in (threads["A"], threads["B"]),
+        "refused": refused,
+    }))
+    services.close()
+    hub.close()
+
+
+def loop_reader(results: Any, barrier: Any) -> None:
+    """Worker 1 reads its pipe on an asyncio loop; worker 0 publishes at each step.
+
+    Steps: m1 arrives on the loop; m2 arrives while the loop is blocked in a plain wait (the reader
+    thread's watchdog reads it); wait_ready() called on the loop returns; after the loop closes, m3
+    still arrives (the reader thread reads again).
+    """
+    import threading
+
+    me = current_worker().index
+    hub = Hub(sync=cluster(channel="loop"))
+    if me == 0:
+        assert hub.wait_ready(10)
+        for data in ("m1", "m2", "m3"):
+            barrier.wait(20)
+            hub.publish("t", data)
+        barrier.wait(20)
+        results.put((me, None))
+        hub.close()
+        return
+    on: Dict[str, int] = {}
+    arrived = {name: threading.Event() for name in ("m1", "m2", "m3")}
+
+    def record(msg: Message) -> None:
+        on[msg.data] = threading.get_ident()
+        arrived[msg.data].set()
+
+    hub.subscribe("t", record)
+    sub = hub.subscribe("t")
+    assert hub.wait_ready(10)
+    out: Dict[str, Any] = {}
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        out["attached"] = hub.read_on_loop()
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 20)  # -> m1, the loop idle
+        out["m1_async"] = (await asyncio.wait_for(sub.__anext__(), 15)).data
+        out["m1_on_loop"] = on.get("m1") == loop_thread
+        barrier.wait(20)  # -> m2, while this loop is blocked below
+        out["m2_arrived"] = arrived["m2"].wait(15)
+        out["m2_on_loop"] = on.get("m2") == loop_thread
+        hub.subscribe("later")
+        out["ready_on_loop"] = hub.wait_ready(15)
+        out["m2_async"] = (await asyncio.wait_for(sub.__anext__(), 15)).data
+        second: Dict[str, Any] = {}
+
+        def other_loop() -> None:  # a second loop, on a thread of its own, while this one reads
+            try:
+                second["outcome"] = asyncio.run(_attach(hub))
+            except RuntimeError as exc:
+                second["outcome"] = str(exc)
+
+        t = threading.Thread(target=other_loop)
+        t.start()
+        t.join(15)
+        out["second_loop"] = second.get("outcome")
+
+    asyncio.run(main())
+    barrier.wait(20)  # -> m3, with the loop closed
+    out["m3_arrived"] = arrived["m3"].wait(15)
+    from clustersync.relay.link import current_link
+
+    link = current_link()
+    out["loop_let_go"] = _wait(lambda: link is not None and link._loop is None, 10)  # its reader went with it
+    barrier.wait(20)
+    results.put((me, out))
+    hub.close()
+
+
+async def _attach(hub: Hub) -> bool:
+    return hub.read_on_loop()
+
+
+def get_interrupted(results: Any, barrier: Any) -> None:
+    """A thread polling the pipe in get() also wakes for what comes another way: a message published by
+    this process (delivered locally, never through the pipe), and the hub's close."""
+    import threading
+
+    from clustersync import SubscriptionClosed
+    from clustersync.relay.link import current_link
+
+    link = current_link()
+    assert link is not None
+    hub = Hub(sync=cluster(channel="interrupt"))
+    sub = hub.subscribe("x")
+    assert hub.wait_ready(10)
+    out: Dict[str, Any] = {}
+
+    def take(name: str, timeout: Any) -> None:
+        try:
+            out[name] = sub.get(timeout).data
+        except SubscriptionClosed:
+            out[name] = "closed"
+        except Exception as exc:
+            out[name] = repr(exc)
+
+    a = threading.Thread(target=take, args=("local", None), daemon=True)
+    a.start()
+    assert _wait(lambda: link._fg_polling, 10)  # in its poll, holding the pipe
+    hub.publish("x", "published here")
+    a.join(20)
+    out["a_ended"] = not a.is_alive()
+    b = threading.Thread(target=take, args=("close", None), daemon=True)
+    b.start()
+    assert _wait(lambda: link._fg_polling, 10)
+    hub.close()
+    b.join(20)
+    out["b_ended"] = not b.is_alive()
+    barrier.wait(20)
+    results.put((current_worker().index, out))

@@ -10,8 +10,10 @@ to its channel. When the primary's end closes, the worker exits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -20,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._log import RateLimitedLog, logger
 from ..message import Address
-from ..sync.base import OnUnreachable, tell_watcher
+from ..sync.base import OnUnreachable, delivering, delivering_on, tell_watcher
 from .loop import start_thread
 from .wire import (
     ACK,
@@ -58,6 +60,14 @@ DIRECT_GAP = 0.0002
 #: A pending entry holding bytes already framed (the rest of a partial direct write).
 _RAW = 0
 READ_SIZE = 1024 * 1024
+#: While a thread reads the pipe in ``get()`` or an event loop reads it, the reader thread stands by and
+#: looks every TICK seconds (up to TICK_MAX when nothing arrives) for data nobody has read for a whole tick
+#: (a loop that is blocked, a thread busy elsewhere): it reads that itself. It takes the pipe back LINGER
+#: seconds after the last thread left ``get()``.
+TICK = 0.002
+TICK_MAX = 0.05
+LINGER = 0.002
+_POLLIN = select.POLLIN
 #: Seconds between a lost primary and a hard exit, for SIGTERM handlers to run.
 ORPHAN_GRACE = 1.0
 
@@ -76,6 +86,39 @@ _pack_run = RUN.pack
 
 
 _monotonic = time.monotonic
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Does ``sock`` have something to read now (data or EOF)?"""
+    poller = select.poll()
+    poller.register(sock.fileno(), _POLLIN)
+    return bool(poller.poll(0))
+
+
+def _drain(fd: int) -> None:
+    """Read a non-blocking wake-up pipe empty."""
+    try:
+        while os.read(fd, 64):
+            pass
+    except OSError:  # BlockingIOError: empty
+        pass
+
+
+def _remove_reader(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Stop ``loop`` watching ``fd``, from its own thread or any other."""
+    if loop.is_closed():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.remove_reader(fd)
+    else:
+        try:
+            loop.call_soon_threadsafe(loop.remove_reader, fd)
+        except RuntimeError:  # closed meanwhile
+            pass
 
 
 def current_link() -> Optional["WorkerLink"]:
@@ -109,6 +152,9 @@ class WorkerLink:
         self.publish_block = publish_block
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # Where the reader thread stands by while a thread or a loop reads (its own waiters: the writer's
+        # wake-ups on _cond do not reach it).
+        self._park = threading.Condition(self._lock)
         # Pending frames, in publish order: [kind, channel, dest, body, count] for control frames and
         # raw bytes; a DATA frame's body is its runs, [(route, [data, ...]), ...], and its count 0.
         self._runs: List[List[Any]] = []
@@ -145,6 +191,33 @@ class WorkerLink:
         self.unreachable = 0
         self._reader: Optional[threading.Thread] = None
         self._writer: Optional[threading.Thread] = None
+        # The reading role (see _read_loop): its lock, the start of a frame not all arrived yet, whether the
+        # primary has closed, and how many readings were done.
+        self._role = threading.Lock()
+        self._rest = bytearray()
+        self._eof = False
+        self._reads = 0
+        # Threads reading in get() (read_until), what wakes each, and when the reader thread may take over.
+        self._fg = 0
+        self._fg_conds: List[threading.Condition] = []
+        self._fg_until = 0.0
+        # The thread holding the role in get() polls the socket and its own wake pipe: what it waits for may
+        # come another way (a publish in this process, a close), and interrupt_reading() tells it.
+        self._fg_polling = False
+        self._fg_wake_r, self._fg_wake_w = os.pipe()
+        os.set_blocking(self._fg_wake_r, False)
+        os.set_blocking(self._fg_wake_w, False)
+        self._fg_poll = select.poll()
+        self._fg_poll.register(sock.fileno(), _POLLIN)
+        self._fg_poll.register(self._fg_wake_r, _POLLIN)
+        # The event loop reading the pipe (read_on_loop), and how many hubs asked for it.
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_users = 0
+        # What gets the reader thread out of its poll when a thread or a loop starts reading.
+        self._selecting = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     def start(self) -> None:
         """Start the reader and writer threads, and say hello (the primary's liveness clock starts)."""
@@ -483,25 +556,125 @@ class WorkerLink:
 
     # -- reading -----------------------------------------------------------
 
+    # The reading role. Whoever holds ``_role`` reads the socket and hands frames out: the reader thread by
+    # default; a thread waiting in get() (read_until), for no hand-off between threads; or an event loop
+    # (read_on_loop). ``_rest`` (a frame not yet whole) is theirs in turn. While a thread or a loop reads,
+    # the reader thread stands by (parked on ``_cond``) and only reads what nobody has read for a tick.
+
+    def _parked(self) -> bool:
+        """With ``_cond`` held: should the reader thread stand by?"""
+        return not self._eof and (self._fg > 0 or self._loop is not None or _monotonic() < self._fg_until)
+
     def _read_loop(self) -> None:
-        """Read frames until EOF. Nothing a frame holds can end this loop: a bad one is dropped and counted."""
+        """The reader thread: read until EOF, or stand by while another thread or a loop reads."""
+        cond = self._cond
+        role = self._role
         sock = self._sock
-        unpack = HEADER.unpack_from
-        rest = bytearray()  # the start of a frame that has not all arrived
-        while True:
+        poller = select.poll()
+        poller.register(sock.fileno(), _POLLIN)
+        poller.register(self._wake_r, _POLLIN)
+        fd = sock.fileno()
+        tick = TICK
+        seen = -1  # the count of readings at the previous tick
+        stale = False  # data waited unread at the previous tick
+        try:
+            while not self._eof:
+                with cond:
+                    park = self._parked()
+                    if park:
+                        self._park.wait(tick)
+                        park = self._parked()
+                        loop = self._loop
+                        if loop is not None and loop.is_closed():  # its reader went with it
+                            self._loop, self._loop_users = None, 0
+                    else:
+                        self._selecting = True
+                if park:
+                    # The watchdog: read what has waited a whole tick with nobody reading (a loop blocked in
+                    # a long call, a thread gone from get() for longer than it said); nothing otherwise.
+                    quiet = self._reads == seen
+                    waiting = quiet and _readable(sock)
+                    if waiting and stale and role.acquire(False):
+                        try:
+                            for _ in range(64):
+                                if not self._read_once() or not _readable(sock):
+                                    break
+                        finally:
+                            role.release()
+                            self._freed(None)
+                        waiting = False
+                    stale = waiting
+                    tick = min(tick * 2, TICK_MAX) if quiet and not waiting else TICK
+                    seen = self._reads
+                    continue
+                try:
+                    events = poller.poll()
+                finally:
+                    self._selecting = False
+                for efd, _mask in events:
+                    if efd != fd:
+                        _drain(self._wake_r)
+                    elif role.acquire(timeout=TICK):  # a thread in get() may be reading it now
+                        try:
+                            self._read_once()
+                        finally:
+                            role.release()
+                            self._freed(None)
+                tick, stale = TICK, False
+        finally:
+            with cond:
+                self._selecting = False
+                wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+                self._close_fg_pipe()  # or the last thread to leave get() does
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _wake_reader(self) -> None:
+        """With ``_cond`` held: get the reader thread out of its poll, so it stands by."""
+        if self._selecting and self._wake_w >= 0:
             try:
-                data = sock.recv(READ_SIZE)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            if rest:
-                rest += data
-                view: Any = memoryview(rest)  # slices of it are copied once, by bytes()
-            else:
-                view = data  # slices of bytes are bytes: copied once, or not at all when whole
-            n = len(view)
-            off = 0
+                os.write(self._wake_w, b"\0")
+            except OSError:  # BlockingIOError: it has bytes to wake on already
+                pass
+
+    def _freed(self, mine: Optional[threading.Condition]) -> None:
+        """The role was just released: threads waiting in get() for it may take it."""
+        for wake in tuple(self._fg_conds):  # a copy: threads come and go meanwhile
+            if wake is not mine:
+                with wake:
+                    wake.notify_all()
+
+    def _read_once(self) -> bool:
+        """With the role held: read what the socket has (without waiting) and hand out every whole frame.
+
+        Returns False at EOF (handled here, once).
+        """
+        if self._eof:
+            return False
+        try:
+            data = self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+            with self._cond:
+                self._park.notify_all()  # the reader thread ends
+            self._on_eof()
+            return False
+        self._reads += 1
+        rest = self._rest
+        if rest:
+            rest += data
+            view: Any = memoryview(rest)  # slices of it are copied once, by bytes()
+        else:
+            view = data  # slices of bytes are bytes: copied once, or not at all when whole
+        n = len(view)
+        off = 0
+        unpack = HEADER.unpack_from
+        delivering_on(True)
+        try:
             while n - off >= HEADER_SIZE:
                 body_len, kind, clen, origin, dest, count = unpack(view, off)
                 end = off + HEADER_SIZE + body_len
@@ -525,12 +698,142 @@ class WorkerLink:
                     self.malformed += 1
                     _ratelimited("frame", logging.ERROR, "worker %d: handling a frame failed", self.index, exc_info=True)
                 off = end
+        finally:
+            delivering_on(False)
             if view is data:
-                rest = bytearray(data[off:]) if off < n else bytearray()
+                self._rest = bytearray(data[off:]) if off < n else bytearray()
             else:
                 view.release()
                 del rest[:off]
-        self._on_eof()
+        return True
+
+    def read_until(self, ready: Callable[[], bool], timeout: Optional[float], wake: threading.Condition) -> None:
+        """Read and hand out frames on this thread until ``ready()`` (or ``timeout``, or EOF).
+
+        For a thread waiting in ``Subscription.get()``: its message reaches it
+        with no hand-off from the reader thread. Callbacks of the frames read
+        meanwhile run here too. While another thread holds the reading role,
+        this one waits on ``wake`` (its queue's condition: a delivery or a
+        release of the role notifies it). Returns at once when an event loop
+        reads the pipe, or on a thread already delivering (a callback).
+        """
+        if self._loop is not None or self._eof or delivering():
+            return
+        deadline = None if timeout is None else _monotonic() + timeout
+        role = self._role
+        with self._cond:
+            if self._eof:
+                return
+            self._fg += 1
+            self._fg_conds.append(wake)
+            self._wake_reader()
+        try:
+            while not ready() and not self._eof and self._loop is None:
+                remaining = None if deadline is None else deadline - _monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                if role.acquire(False):
+                    try:
+                        poller = self._fg_poll
+                        fd = self._sock.fileno()
+                        while True:
+                            self._fg_polling = True  # before the check: a delivery after it writes to the pipe
+                            if ready():
+                                return
+                            if remaining is not None:
+                                remaining = deadline - _monotonic()  # type: ignore[operator]
+                                if remaining <= 0:
+                                    return
+                            events = poller.poll(None if remaining is None else int(remaining * 1000.0) + 1)
+                            self._fg_polling = False
+                            for efd, _mask in events:
+                                if efd != fd:
+                                    _drain(self._fg_wake_r)
+                                elif not self._read_once():
+                                    return
+                    finally:
+                        self._fg_polling = False
+                        role.release()
+                        self._freed(wake)
+                else:
+                    with wake:
+                        wake.wait_for(lambda: ready() or not role.locked() or self._eof, remaining)
+        finally:
+            with self._cond:
+                self._fg -= 1
+                self._fg_conds.remove(wake)
+                self._fg_until = _monotonic() + LINGER
+                if self._eof:
+                    self._close_fg_pipe()
+
+    def interrupt_reading(self) -> None:
+        """What a thread in :meth:`read_until` waits for may have come another way (a message published in
+        this process, a closed subscription): the thread holding the role in its poll looks again."""
+        if self._fg_polling:
+            with self._cond:  # the pipe is closed under the same lock, once nobody reads (see _close_fg_pipe)
+                if self._fg_polling and self._fg_wake_w >= 0:
+                    try:
+                        os.write(self._fg_wake_w, b"\0")
+                    except OSError:  # BlockingIOError: it has bytes to wake on already
+                        pass
+
+    def _close_fg_pipe(self) -> None:
+        """With ``_cond`` held, after EOF and once no thread reads in get(): close the pipe that wakes them."""
+        if self._fg == 0 and self._fg_wake_w >= 0:
+            os.close(self._fg_wake_r)
+            os.close(self._fg_wake_w)
+            self._fg_wake_r = self._fg_wake_w = -1
+
+    def read_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read and hand out frames on ``loop`` from now on (call on that loop's thread).
+
+        Calls add up; :meth:`stop_reading_on_loop` undoes one. Raises
+        ``RuntimeError`` while another open loop reads this pipe, and
+        ``ConnectionError`` once the primary is gone.
+        """
+        with self._cond:
+            if self._eof or self._closed:
+                raise ConnectionError("the connection to the relay is closed")
+            current = self._loop
+            if current is loop:
+                self._loop_users += 1
+                return
+            if current is not None and not current.is_closed():
+                raise RuntimeError("this worker's pipe is already read on another event loop")
+            self._loop, self._loop_users = loop, 1
+            self._wake_reader()
+        loop.add_reader(self._sock.fileno(), self._loop_readable, loop)
+
+    def stop_reading_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Undo one :meth:`read_on_loop`; the reader thread reads again after the last (from any thread)."""
+        with self._cond:
+            if self._loop is not loop:
+                return
+            self._loop_users -= 1
+            if self._loop_users > 0:
+                return
+            self._loop, self._loop_users = None, 0
+            self._park.notify_all()  # the reader thread takes over
+        _remove_reader(loop, self._sock.fileno())
+
+    def _loop_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop's reader callback."""
+        role = self._role
+        if self._loop is not loop:
+            _remove_reader(loop, self._sock.fileno())  # stopped meanwhile
+            return
+        if not role.acquire(False):
+            return  # the reader thread is reading it this moment
+        try:
+            alive = self._read_once()
+        finally:
+            role.release()
+            self._freed(None)
+        if not alive:
+            with self._cond:
+                if self._loop is loop:
+                    self._loop, self._loop_users = None, 0
+            _remove_reader(loop, self._sock.fileno())
 
     def _frame(self, kind: int, channel: bytes, origin: int, dest: int, count: int, body: bytes) -> None:
         if kind == DATA:

@@ -31,6 +31,9 @@ set and never probes with ``hasattr``:
 - ``"interest"``: :class:`Interested`, ``interest(topic, on)``: the hub
   says which topics and patterns it subscribes to (the first subscription
   to each, and the last one gone), so the backplane can send it only those;
+- ``"reading"``: :class:`Reading`, ``read_until(ready, timeout, wake)``,
+  ``interrupt_reading()`` and ``read_on_loop(loop)``: a thread waiting in ``Subscription.get()``,
+  or an event loop, reads the backplane itself (no hand-off between threads);
 - ``"presence"``: :class:`Presence`, a table of entries that hubs on the
   channel advertise (``advertise(entry, on)``), withdrawn the moment their
   hub or worker is gone, watched with ``watch(fn)``: what services are built on.
@@ -46,11 +49,13 @@ This module imports neither the Hub nor the relay.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Protocol, runtime_checkable
 
-from ..message import Address, Destination, Message, check_channel
+from ..message import Address, Destination, Message, check_channel, delivering, delivering_on
 
 __all__ = [
     "SyncDriver",
@@ -82,6 +87,9 @@ __all__ = [
     "check_channel",
     "one_by_one",
     "deliver_in_runs",
+    "Reading",
+    "delivering",
+    "delivering_on",
 ]
 
 #: ``deliver(msg)``: one message from another hub (``msg.data`` is the encoded payload).
@@ -94,8 +102,9 @@ DeliverTagged = Callable[[str, str, Address, bytes, List[bytes]], Any]
 #: ``on_unreachable(destination, count)``: ``count`` addressed messages found no such hub or worker.
 OnUnreachable = Callable[[Destination, int], Any]
 
-CAPABILITIES = frozenset({"batch", "tagged", "parts", "sender", "ready", "stats", "limit", "presence", "state", "address", "interest"})
-
+CAPABILITIES = frozenset(
+    {"batch", "tagged", "parts", "sender", "ready", "stats", "limit", "presence", "state", "address", "interest", "reading"}
+)
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
     """Adapt a per-message ``deliver(msg)`` to a ``deliver_batch``."""
@@ -222,6 +231,29 @@ class State(Protocol):
         """Call ``fn(False, cause)`` once when an outage starts and ``fn(True, None)`` once when it ends."""
 
 
+class Reading(Protocol):
+    """Capability ``"reading"``: the application's own thread or event loop may read the backplane.
+
+    The messages read are delivered on that thread (to every hub of the process
+    on this backplane), so a subscriber waiting there gets its message with no
+    hand-off from a second thread.
+    """
+
+    def read_until(self, ready: Callable[[], bool], timeout: Optional[float], wake: threading.Condition) -> None:
+        """Read and deliver on this thread until ``ready()``, ``timeout`` passes, or reading here is not
+        possible (another thread or a loop reads); ``wake`` is notified when another thread stops reading."""
+
+    def interrupt_reading(self) -> None:
+        """``ready()`` of a thread in ``read_until`` may have turned true another way (a local publish, a
+        close): that thread must look again."""
+
+    def read_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read and deliver on ``loop`` (called on that loop's thread) until :meth:`stop_reading_on_loop`."""
+
+    def stop_reading_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Undo one :meth:`read_on_loop` (from any thread)."""
+
+
 #: ``fn(address, entry, present)``: a hub's entry came (True) or went (False).
 PresenceWatcher = Callable[[Address, str, bool], Any]
 
@@ -304,6 +336,19 @@ class ClusterTransport(Protocol):
 
     def sync(self, timeout: Optional[float]) -> bool:
         """Wait until everything the relay queued for this worker before this call has arrived."""
+
+    def read_until(self, ready: Callable[[], bool], timeout: Optional[float], wake: threading.Condition) -> None:
+        """Read the pipe on the calling thread until ``ready()`` (see :class:`Reading`)."""
+
+    def interrupt_reading(self) -> None:
+        """``ready()`` of a thread in ``read_until`` may have turned true another way (a local publish, a
+        close): that thread must look again."""
+
+    def read_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the pipe on ``loop`` (see :class:`Reading`)."""
+
+    def stop_reading_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Undo one :meth:`read_on_loop`."""
 
 
 _transport: Optional[ClusterTransport] = None

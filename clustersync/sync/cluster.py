@@ -10,7 +10,9 @@ pipe, then to the one hub there. Outside such a worker, ``subscribe`` raises
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from functools import partial
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
@@ -42,7 +44,9 @@ _NOT_A_WORKER = (
 )
 
 
-_CAPABILITIES = frozenset({"batch", "tagged", "parts", "sender", "ready", "stats", "limit", "presence", "interest"})
+_CAPABILITIES = frozenset(
+    {"batch", "tagged", "parts", "sender", "ready", "stats", "limit", "presence", "interest", "reading"}
+)
 #: The environment variable that names the bus a process outside the workers joins.
 BUS_ENV = "CLUSTERSYNC_BUS"
 
@@ -71,6 +75,7 @@ class ClusterDriver:
         self._adverts: Set[str] = set()
         self._interests: Set[str] = set()
         self._unwatch: List[Callable[[], None]] = []
+        self._loops: List[asyncio.AbstractEventLoop] = []  # read_on_loop() calls, undone by close()
 
     def subscribe(self, deliver: Deliver, on_unreachable: Optional[OnUnreachable] = None) -> None:
         """Join the channel; raises ``RuntimeError`` outside a worker."""
@@ -214,6 +219,34 @@ class ClusterDriver:
         link = self._link
         return link is not None and link.wait_acked(self._chan, self._seq, timeout)
 
+    def read_until(self, ready: Callable[[], bool], timeout: Optional[float], wake: threading.Condition) -> None:
+        """Capability ``"reading"``: read this process's pipe on the calling thread until ``ready()``."""
+        link = self._link
+        if link is not None:
+            link.read_until(ready, timeout, wake)
+
+    def interrupt_reading(self) -> None:
+        """Capability ``"reading"``: a thread in :meth:`read_until` should check ``ready()`` again."""
+        link = self._link
+        if link is not None:
+            link.interrupt_reading()
+
+    def read_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Capability ``"reading"``: read this process's pipe on ``loop`` (its thread) until :meth:`close`."""
+        link = self._link
+        if link is None:
+            raise RuntimeError(_NOT_A_WORKER)
+        link.read_on_loop(loop)
+        self._loops.append(loop)
+
+    def stop_reading_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Undo one :meth:`read_on_loop`."""
+        link = self._link
+        if loop in self._loops:
+            self._loops.remove(loop)
+            if link is not None:
+                link.stop_reading_on_loop(loop)
+
     def stats(self) -> Dict[str, Any]:
         """The worker link's counters."""
         link = self._link
@@ -230,6 +263,9 @@ class ClusterDriver:
                 link.advertise(self._chan, self._hid, entry.encode(), False)
             for unwatch in self._unwatch:
                 unwatch()
+            for loop in self._loops:
+                link.stop_reading_on_loop(loop)
+            self._loops.clear()
             link.remove_member(self._chan, self._hid)
 
 
