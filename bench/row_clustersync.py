@@ -113,7 +113,7 @@ def _worker(wid: int, spec_d: dict, ctl_address: str, authkey: bytes) -> None:
         if consume == "callback":
             for p in sources:
                 hub.subscribe(topic_name(p), on_msg)
-        elif sources:  # one publisher per receiver (the harness refuses all_to_all here)
+        elif sources:  # latency: one publisher per receiver (the harness runs get and async there only)
             consumer = _consumer(hub, hub.subscribe(topic_name(sources[0])), on_msg, done, consume, res)
         if not hub.wait_ready(timeout=max(0.1, min(10.0, deadline - time.monotonic()))):
             raise RuntimeError("hub.wait_ready() returned False")

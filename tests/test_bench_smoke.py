@@ -28,6 +28,22 @@ def test_bench_quick_clustersync_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("consume", ["get", "async"])
+def test_bench_quick_latency_with_get_and_async_for(consume: str, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "clustersync", "--workers", "2",
+         "--payloads", "100", "--consume", consume, "--json", str(out)],
+        capture_output=True, text=True, timeout=110, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines() if line[:1].isalpha() and "  " in line]
+    assert f"consume {consume}" in proc.stdout and "latency" in rows and "fanout" not in rows
+    assert "all checks passed" in proc.stdout
+    assert json.loads(out.read_text())["meta"]["consume"] == consume
+
+
+@pytest.mark.timeout(120)
 def test_bench_instructions_runs_every_path_and_counts_under_valgrind() -> None:
     """Every path of the instruction counter runs (each checks what it delivered); valgrind counts one of them."""
     for path in ("publish", "link", "receive", "parse", "feed", "pipe", "call"):
