@@ -20,6 +20,11 @@ Paths:
 - ``receive``: a DATA frame from the primary, through the link's parser, the
   hub's decoding and one callback subscription, to a callback that counts;
 - ``parse``: the link's parser alone (``parse_records``);
+- ``get``: a thread waiting in ``sub.get()`` reads a frame of one message from the
+  socket itself and returns it (the round trip's path with a queue subscription);
+- ``read1``: the same frame read on the calling thread and handed to a callback
+  (the round trip's path with a callback): ``get`` less ``read1`` is what waiting
+  in ``get()`` costs beyond a callback;
 - ``feed``: for scale, the benchmark's own receiver check (``Tracker.feed``),
   which every row of ``python -m bench`` pays per message;
 - ``pipe``: for scale, the bare pipe relay row's receiver, per message;
@@ -39,7 +44,7 @@ from typing import Callable, Dict, List
 
 from .common import HEADER
 
-PATHS = ("publish", "link", "receive", "parse", "feed", "pipe", "call")
+PATHS = ("publish", "link", "receive", "parse", "get", "read1", "feed", "pipe", "call")
 PAYLOAD = 100  # bytes per message, unless --payload says otherwise
 RUN = 256  # messages per run, in the frames the receive paths take
 
@@ -113,6 +118,51 @@ def path_parse(payloads: List[bytes]) -> None:
     body = _frame_body(payloads)
     for _ in range(len(payloads) // RUN):
         parse_records(body)
+
+
+def _single_frames(payloads: List[bytes]) -> List[bytes]:
+    """A DATA frame of one message for each payload, as the primary sends a lone message."""
+    from clustersync.relay.wire import BROADCAST, DATA, HEADER as FRAME, pack_run
+
+    out = []
+    for p in payloads:
+        body = pack_run(b"99.1.abcdef", b"", b"t", [b"b" + p])
+        out.append(FRAME.pack(5 + len(body), DATA, 5, 2, BROADCAST, 1) + b"bench" + body)
+    return out
+
+
+def path_get(payloads: List[bytes]) -> None:
+    from clustersync import Hub
+    from clustersync.sync import cluster
+
+    link, (_a, b) = _link()
+    hub = Hub(sync=cluster(channel="bench"))
+    sub = hub.subscribe("t")
+    get = sub.get
+    send = b.send
+    for frame in _single_frames(payloads):
+        send(frame)
+        get()
+
+
+def path_read1(payloads: List[bytes]) -> None:
+    from clustersync import Hub
+    from clustersync.sync import cluster
+
+    link, (_a, b) = _link()
+    hub = Hub(sync=cluster(channel="bench"))
+    count = [0]
+
+    def on_message(msg: object) -> None:
+        count[0] += 1
+
+    hub.subscribe("t", on_message)
+    read = link._read_once
+    send = b.send
+    for frame in _single_frames(payloads):
+        send(frame)
+        read()
+    assert count[0] == len(payloads)
 
 
 def path_feed(payloads: List[bytes]) -> None:

@@ -181,6 +181,8 @@ class BoundedQueue(Generic[T]):
         Raises ``TimeoutError`` when the time runs out, ``EOFError`` once closed and empty.
         """
         with self.cond:
+            if self._items:  # the common case, without building the predicate
+                return self._items.popleft()
             if not self.cond.wait_for(lambda: self._items or self.closed, timeout):
                 raise TimeoutError("no item within the timeout")
             if self._items:

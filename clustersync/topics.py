@@ -54,7 +54,7 @@ class Subscription:
         self._idle = threading.Event()
         # Threads in get() reading the backplane themselves (capability "reading"): a message that reaches
         # the queue another way, or a close, must interrupt the one that polls.
-        self._readers = 0
+        self._readers: List[int] = []
 
     @property
     def closed(self) -> bool:
@@ -132,7 +132,8 @@ class Subscription:
             return
         queue.put_many(msgs)
         self.hub._delivered += len(msgs)
-        if self._readers:
+        readers = self._readers
+        if readers and (len(readers) > 1 or readers[0] != get_ident()):  # not the reader delivering to itself
             self.hub._interrupt_reading()
         if self._waiters:
             with queue.cond:
@@ -179,13 +180,13 @@ class Subscription:
         if read is not None and not queue.ready():
             # Read the backplane on this thread (capability "reading"): the message comes with no hand-off.
             deadline = None if timeout is None else time.monotonic() + timeout
-            with queue.cond:
-                self._readers += 1
+            me = get_ident()
+            readers = self._readers
+            readers.append(me)  # list.append and .remove are atomic: no lock
             try:
                 read(queue.ready, timeout, queue.cond)
             finally:
-                with queue.cond:
-                    self._readers -= 1
+                readers.remove(me)
             if deadline is not None:
                 timeout = max(0.0, deadline - time.monotonic())
         try:

@@ -194,6 +194,9 @@ class WorkerLink:
         # The reading role (see _read_loop): its lock, the start of a frame not all arrived yet, whether the
         # primary has closed, and how many readings were done.
         self._role = threading.Lock()
+        # The read buffer, allocated once: a recv() of READ_SIZE into a new bytes object costs an mmap and
+        # its page faults on every call (about 20 µs here, for a frame of one message).
+        self._rview = memoryview(bytearray(READ_SIZE))
         self._rest = bytearray()
         self._eof = False
         self._reads = 0
@@ -201,6 +204,7 @@ class WorkerLink:
         self._fg = 0
         self._fg_conds: List[threading.Condition] = []
         self._fg_until = 0.0
+        self._tick = TICK  # the reader thread's current check interval while it stands by
         # The thread holding the role in get() polls the socket and its own wake pipe: what it waits for may
         # come another way (a publish in this process, a close), and interrupt_reading() tells it.
         self._fg_polling = False
@@ -559,11 +563,16 @@ class WorkerLink:
     # The reading role. Whoever holds ``_role`` reads the socket and hands frames out: the reader thread by
     # default; a thread waiting in get() (read_until), for no hand-off between threads; or an event loop
     # (read_on_loop). ``_rest`` (a frame not yet whole) is theirs in turn. While a thread or a loop reads,
-    # the reader thread stands by (parked on ``_cond``) and only reads what nobody has read for a tick.
+    # the reader thread stands by (waiting on ``_park``) and only reads what nobody has read for a tick.
 
     def _parked(self) -> bool:
-        """With ``_cond`` held: should the reader thread stand by?"""
-        return not self._eof and (self._fg > 0 or self._loop is not None or _monotonic() < self._fg_until)
+        """Should the reader thread stand by? (Read without the lock: see _read_loop.)"""
+        if self._eof:
+            return False
+        if self._fg > 0 or self._loop is not None:
+            return True
+        until = self._fg_until
+        return bool(until) and _monotonic() < until
 
     def _read_loop(self) -> None:
         """The reader thread: read until EOF, or stand by while another thread or a loop reads."""
@@ -577,19 +586,22 @@ class WorkerLink:
         tick = TICK
         seen = -1  # the count of readings at the previous tick
         stale = False  # data waited unread at the previous tick
+        delivering_on(True)  # this thread does nothing else
         try:
             while not self._eof:
-                with cond:
-                    park = self._parked()
-                    if park:
-                        self._park.wait(tick)
-                        park = self._parked()
+                if self._parked():
+                    with cond:
+                        wait = tick
+                        if not self._fg and self._loop is None:  # only the linger: wake when it ends
+                            wait = min(tick, max(0.0, self._fg_until - _monotonic()))
+                        self._tick = tick
+                        self._park.wait(wait)
                         loop = self._loop
                         if loop is not None and loop.is_closed():  # its reader went with it
                             self._loop, self._loop_users = None, 0
-                    else:
-                        self._selecting = True
-                if park:
+                        if not self._parked():
+                            self._fg_until = 0.0
+                            continue
                     # The watchdog: read what has waited a whole tick with nobody reading (a loop blocked in
                     # a long call, a thread gone from get() for longer than it said); nothing otherwise.
                     quiet = self._reads == seen
@@ -597,7 +609,7 @@ class WorkerLink:
                     if waiting and stale and role.acquire(False):
                         try:
                             for _ in range(64):
-                                if not self._read_once() or not _readable(sock):
+                                if not self._read_once(False) or not _readable(sock):
                                     break
                         finally:
                             role.release()
@@ -607,20 +619,31 @@ class WorkerLink:
                     tick = min(tick * 2, TICK_MAX) if quiet and not waiting else TICK
                     seen = self._reads
                     continue
+                tick, stale = TICK, False
+                if not role.acquire(timeout=TICK):  # a thread in get() or a loop reads it now
+                    continue
                 try:
-                    events = poller.poll()
+                    # Hold the role while polling; a thread or a loop that starts reading wakes this one out
+                    # of its poll through the pipe, and it lets go. The order of the two steps below (say it
+                    # polls, then look) and theirs (register, then look) means one of the two always sees
+                    # the other, without a lock.
+                    while True:
+                        self._selecting = True
+                        if self._parked():
+                            break
+                        events = poller.poll()
+                        self._selecting = False
+                        for efd, _mask in events:
+                            if efd != fd:
+                                _drain(self._wake_r)
+                            elif not self._read_once(False):
+                                break
+                        if self._eof:
+                            break
                 finally:
                     self._selecting = False
-                for efd, _mask in events:
-                    if efd != fd:
-                        _drain(self._wake_r)
-                    elif role.acquire(timeout=TICK):  # a thread in get() may be reading it now
-                        try:
-                            self._read_once()
-                        finally:
-                            role.release()
-                            self._freed(None)
-                tick, stale = TICK, False
+                    role.release()
+                    self._freed(None)
         finally:
             with cond:
                 self._selecting = False
@@ -639,41 +662,49 @@ class WorkerLink:
 
     def _freed(self, mine: Optional[threading.Condition]) -> None:
         """The role was just released: threads waiting in get() for it may take it."""
-        for wake in tuple(self._fg_conds):  # a copy: threads come and go meanwhile
+        conds = self._fg_conds
+        if not conds or (len(conds) == 1 and conds[0] is mine):
+            return
+        for wake in tuple(conds):  # a copy: threads come and go meanwhile
             if wake is not mine:
                 with wake:
                     wake.notify_all()
 
-    def _read_once(self) -> bool:
+    def _read_once(self, mark: bool = True) -> bool:
         """With the role held: read what the socket has (without waiting) and hand out every whole frame.
 
+        ``mark``: flag this thread as delivering meanwhile (the reader thread is flagged for good).
         Returns False at EOF (handled here, once).
         """
         if self._eof:
             return False
+        rview = self._rview
         try:
-            data = self._sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+            got = self._sock.recv_into(rview, READ_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
-            data = b""
-        if not data:
+            got = 0
+        if not got:
             self._eof = True
             with self._cond:
                 self._park.notify_all()  # the reader thread ends
             self._on_eof()
             return False
         self._reads += 1
+        chunk = rview[:got]
         rest = self._rest
         if rest:
-            rest += data
-            view: Any = memoryview(rest)  # slices of it are copied once, by bytes()
+            rest += chunk
+            view: Any = memoryview(rest)
         else:
-            view = data  # slices of bytes are bytes: copied once, or not at all when whole
+            view = chunk
+        # Frames are cut from the view with bytes(): each byte kept is copied once from the read buffer.
         n = len(view)
         off = 0
         unpack = HEADER.unpack_from
-        delivering_on(True)
+        if mark:
+            delivering_on(True)
         try:
             while n - off >= HEADER_SIZE:
                 body_len, kind, clen, origin, dest, count = unpack(view, off)
@@ -699,12 +730,14 @@ class WorkerLink:
                     _ratelimited("frame", logging.ERROR, "worker %d: handling a frame failed", self.index, exc_info=True)
                 off = end
         finally:
-            delivering_on(False)
-            if view is data:
-                self._rest = bytearray(data[off:]) if off < n else bytearray()
+            if mark:
+                delivering_on(False)
+            if view is chunk:
+                self._rest = bytearray(chunk[off:]) if off < n else bytearray()
             else:
                 view.release()
                 del rest[:off]
+            chunk.release()
         return True
 
     def read_until(self, ready: Callable[[], bool], timeout: Optional[float], wake: threading.Condition) -> None:
@@ -721,12 +754,17 @@ class WorkerLink:
             return
         deadline = None if timeout is None else _monotonic() + timeout
         role = self._role
-        with self._cond:
+        lock = self._lock  # _cond's, taken without a Python-level call (cheaper than ``with``)
+        lock.acquire()
+        try:
             if self._eof:
                 return
             self._fg += 1
             self._fg_conds.append(wake)
-            self._wake_reader()
+            if self._selecting:
+                self._wake_reader()
+        finally:
+            lock.release()
         try:
             while not ready() and not self._eof and self._loop is None:
                 remaining = None if deadline is None else deadline - _monotonic()
@@ -751,6 +789,8 @@ class WorkerLink:
                                     _drain(self._fg_wake_r)
                                 elif not self._read_once():
                                     return
+                            if self._loop is not None:
+                                return  # an event loop reads it from now on
                     finally:
                         self._fg_polling = False
                         role.release()
@@ -759,12 +799,17 @@ class WorkerLink:
                     with wake:
                         wake.wait_for(lambda: ready() or not role.locked() or self._eof, remaining)
         finally:
-            with self._cond:
+            lock.acquire()
+            try:
                 self._fg -= 1
                 self._fg_conds.remove(wake)
                 self._fg_until = _monotonic() + LINGER
                 if self._eof:
                     self._close_fg_pipe()
+                elif not self._fg and self._tick > LINGER:
+                    self._park.notify()  # it waits long: make it take the pipe back when the linger ends
+            finally:
+                lock.release()
 
     def interrupt_reading(self) -> None:
         """What a thread in :meth:`read_until` waits for may have come another way (a message published in
@@ -816,6 +861,10 @@ class WorkerLink:
             self._park.notify_all()  # the reader thread takes over
         _remove_reader(loop, self._sock.fileno())
 
+    def _resume_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop and not self._eof:
+            loop.add_reader(self._sock.fileno(), self._loop_readable, loop)
+
     def _loop_readable(self, loop: asyncio.AbstractEventLoop) -> None:
         """The event loop's reader callback."""
         role = self._role
@@ -823,7 +872,12 @@ class WorkerLink:
             _remove_reader(loop, self._sock.fileno())  # stopped meanwhile
             return
         if not role.acquire(False):
-            return  # the reader thread is reading it this moment
+            # Another thread reads it this moment (the reader thread letting go, its watchdog): look again
+            # in a tick, not at once (the socket stays readable: the loop would spin meanwhile).
+            fd = self._sock.fileno()
+            loop.remove_reader(fd)
+            loop.call_later(TICK, self._resume_on_loop, loop)
+            return
         try:
             alive = self._read_once()
         finally:

@@ -210,6 +210,9 @@ class Router:
         self.stall_timeout = stall_timeout
         self.stalls = 0
         self.max_body = max_body(max_message)
+        # One read buffer for every peer (the loop reads one at a time), allocated once: a recv() of
+        # READ_SIZE into a new bytes object costs an mmap and its page faults on every call.
+        self._rview = memoryview(bytearray(READ_SIZE))
         self.on_control = on_control
         self.on_broken = on_broken
         self.peers: Dict[int, Peer] = {}
@@ -294,15 +297,17 @@ class Router:
 
     def read(self, w: Peer) -> None:
         """Read what ``w`` sent; route every whole frame in it."""
+        rview = self._rview
         try:
-            data = w.sock.recv(READ_SIZE)
+            got = w.sock.recv_into(rview)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            got = 0
+        if not got:
             self.disconnect(w)
             return
+        data = bytes(rview[:got])  # what we keep (a frame read whole is forwarded as these bytes)
         w.bytes_in += len(data)
         w.last_seen = time.monotonic()
         buf: Any
