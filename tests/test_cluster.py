@@ -75,9 +75,10 @@ def test_unicast_reaches_only_the_chosen_worker() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_async_for_on_a_subscription() -> None:
-    out = run_workers(workers.async_iter, 2, 500)
-    assert out[1][1] == list(range(500))
+@pytest.mark.parametrize("on_loop", [False, True], ids=["reader-thread", "read-on-loop"])
+def test_async_for_on_a_subscription(on_loop: bool) -> None:
+    out = run_workers(workers.async_iter, 2, 5000 if on_loop else 500, on_loop)
+    assert out[1][1] == list(range(5000 if on_loop else 500))
 
 
 @pytest.mark.timeout(60)

@@ -63,3 +63,11 @@ def test_read_on_loop_without_a_pipe_or_a_loop() -> None:
 def test_a_thread_reading_in_get_wakes_for_a_local_publish_and_for_close() -> None:
     out = run_workers(workers.get_interrupted, 1)[0][1]
     assert out == {"local": "published here", "a_ended": True, "close": "closed", "b_ended": True}
+
+
+@pytest.mark.timeout(120)
+def test_many_threads_in_get_with_short_timeouts_lose_nothing() -> None:
+    """Eight threads wait in get() on their own topics with timeouts from 0.5 ms to none, so the reading
+    role changes hands all the time, while another worker publishes 5,000 messages on each topic."""
+    out = run_workers(workers.get_stress, 2, 8, 5000, timeout=100)[1][1]
+    assert out == {"in_order": True, "lengths": [5000], "called": [5000], "errors": [], "dropped": 0}

@@ -107,8 +107,9 @@ def unicast(results: Any, barrier: Any) -> None:
     hub.close()
 
 
-def async_iter(results: Any, barrier: Any, count: int) -> None:
-    """Read a subscription with ``async for`` while another worker publishes."""
+def async_iter(results: Any, barrier: Any, count: int, on_loop: bool = False) -> None:
+    """Read a subscription with ``async for`` while another worker publishes (``on_loop``: the loop reads
+    the pipe, after ``hub.read_on_loop()``)."""
     me = current_worker().index
     hub = Hub(sync=cluster(channel="aio"))
     sub = hub.subscribe("t")
@@ -122,6 +123,8 @@ def async_iter(results: Any, barrier: Any, count: int) -> None:
 
         async def read() -> List[Any]:
             out = []
+            if on_loop:
+                assert hub.read_on_loop()
             async for msg in sub:
                 out.append(msg.data)
                 if len(out) == count:
@@ -1188,3 +1191,67 @@ def get_interrupted(results: Any, barrier: Any) -> None:
     out["b_ended"] = not b.is_alive()
     barrier.wait(20)
     results.put((current_worker().index, out))
+
+
+def get_stress(results: Any, barrier: Any, threads: int, count: int) -> None:
+    """Worker 0 publishes ``count`` numbered messages on each of ``threads`` topics, interleaved; worker 1
+    takes each topic on a thread of its own with get() and short, varied timeouts (so the reading role
+    passes between them all the time), and counts a callback subscription on every topic too."""
+    import threading
+
+    me = current_worker().index
+    topics = [f"s{i}" for i in range(threads)]
+    hub = Hub(sync=cluster(channel="stress"))
+    if me == 0:
+        assert hub.wait_ready(10)
+        barrier.wait(20)
+        for k in range(count):
+            for topic in topics:
+                hub.publish(topic, k)
+        barrier.wait(60)
+        results.put((me, None))
+        hub.close()
+        return
+    seen: Dict[str, List[int]] = {t: [] for t in topics}
+    called: Dict[str, int] = {t: 0 for t in topics}
+
+    def count_call(msg: Message) -> None:
+        called[msg.topic] += 1
+
+    subs = {t: hub.subscribe(t) for t in topics}
+    for t in topics:
+        hub.subscribe(t, count_call)
+    assert hub.wait_ready(10)
+    errors: List[str] = []
+
+    def take(topic: str, index: int) -> None:
+        sub = subs[topic]
+        timeouts = (0.0005, 0.003, 0.02, None)
+        deadline = time.monotonic() + 60
+        got = seen[topic]
+        i = index
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                got.append(sub.get(timeouts[i % len(timeouts)] if time.monotonic() + 1 < deadline else 1).data)
+            except TimeoutError:
+                pass
+            except Exception as exc:
+                errors.append(repr(exc))
+                return
+            i += 1
+
+    workers_ = [threading.Thread(target=take, args=(t, i)) for i, t in enumerate(topics)]
+    for w in workers_:
+        w.start()
+    barrier.wait(20)
+    for w in workers_:
+        w.join(70)
+    barrier.wait(60)
+    results.put((me, {
+        "in_order": all(seen[t] == list(range(count)) for t in topics),
+        "lengths": sorted({len(v) for v in seen.values()}),
+        "called": sorted(set(called.values())),
+        "errors": errors,
+        "dropped": hub.stats()["dropped"],
+    }))
+    hub.close()
