@@ -1010,6 +1010,8 @@ def get_readers(results: Any, barrier: Any) -> None:
     says which thread delivered."""
     import threading
 
+    from clustersync.relay.link import current_link
+
     me = current_worker().index
     hub = Hub(sync=cluster(channel="readers"))
     if me == 0:
@@ -1052,7 +1054,9 @@ def get_readers(results: Any, barrier: Any) -> None:
 
     a = threading.Thread(target=take, args=("A", sub_a, 1))
     a.start()
-    assert _wait(_fg_readers(1), 10)  # A holds the reading role
+    link = current_link()
+    assert link is not None
+    assert _wait(lambda: link._fg_polling, 10)  # A, alone in get(), holds the reading role and polls
     b = threading.Thread(target=take, args=("B", sub_b, 2))
     b.start()
     assert _wait(_fg_readers(2), 10)
@@ -1062,7 +1066,7 @@ def get_readers(results: Any, barrier: Any) -> None:
     a_waiting_when_b_got = a.is_alive()
     barrier.wait(20)  # -> a1: A gets it and leaves; B takes the role
     a.join(20)
-    assert _wait(_fg_readers(1), 10)
+    assert _wait(lambda: _fg_readers(1)() and link._fg_polling, 10)  # B alone, holding the role
     barrier.wait(20)  # -> b2: B reads it itself
     b.join(20)
     barrier.wait(20)  # -> c1, with nobody in get(): the reader thread delivers it
@@ -1116,7 +1120,13 @@ def loop_reader(results: Any, barrier: Any) -> None:
     async def main() -> None:
         loop_thread = threading.get_ident()
         out["attached"] = hub.read_on_loop()
-        await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 20)  # -> m1, the loop idle
+        from clustersync.relay.link import current_link
+
+        link = current_link()
+        assert link is not None
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, _wait, lambda: not link._role.locked(), 10)  # the reader let go
+        await loop.run_in_executor(None, barrier.wait, 20)  # -> m1, the loop idle
         out["m1_async"] = (await asyncio.wait_for(sub.__anext__(), 15)).data
         out["m1_on_loop"] = on.get("m1") == loop_thread
         barrier.wait(20)  # -> m2, while this loop is blocked below

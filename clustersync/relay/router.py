@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 import selectors
 import socket
 import time
@@ -211,8 +212,9 @@ class Router:
         self.stalls = 0
         self.max_body = max_body(max_message)
         # One read buffer for every peer (the loop reads one at a time), allocated once: a recv() of
-        # READ_SIZE into a new bytes object costs an mmap and its page faults on every call.
-        self._rview = memoryview(bytearray(READ_SIZE))
+        # READ_SIZE into a new bytes object costs an mmap and its page faults on every call. An anonymous
+        # map: its pages take memory only once a read reaches them.
+        self._rview = memoryview(mmap.mmap(-1, READ_SIZE))
         self.on_control = on_control
         self.on_broken = on_broken
         self.peers: Dict[int, Peer] = {}
