@@ -664,10 +664,10 @@ class WorkerLink:
 
     def _freed(self, mine: Optional[threading.Condition]) -> None:
         """The role was just released: threads waiting in get() for it may take it."""
-        conds = self._fg_conds
+        conds = tuple(self._fg_conds)  # a copy (atomic): threads come and go meanwhile
         if not conds or (len(conds) == 1 and conds[0] is mine):
             return
-        for wake in tuple(conds):  # a copy: threads come and go meanwhile
+        for wake in conds:
             if wake is not mine:
                 with wake:
                     wake.notify_all()
