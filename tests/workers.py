@@ -1001,7 +1001,7 @@ def _fg_readers(count: int) -> Any:
 
     link = current_link()
     assert link is not None
-    return lambda: link._fg == count
+    return lambda: len(link._fg_conds) == count
 
 
 def get_readers(results: Any, barrier: Any) -> None:

@@ -202,8 +202,8 @@ class WorkerLink:
         self._rest = bytearray()
         self._eof = False
         self._reads = 0
-        # Threads reading in get() (read_until), what wakes each, and when the reader thread may take over.
-        self._fg = 0
+        # What wakes each thread reading in get() (read_until; one entry per thread), and when the reader thread
+        # may take over.
         self._fg_conds: List[threading.Condition] = []
         self._fg_until = 0.0
         self._tick = TICK  # the reader thread's current check interval while it stands by
@@ -571,7 +571,7 @@ class WorkerLink:
         """Should the reader thread stand by? (Read without the lock: see _read_loop.)"""
         if self._eof:
             return False
-        if self._fg > 0 or self._loop is not None:
+        if self._fg_conds or self._loop is not None:
             return True
         until = self._fg_until
         return bool(until) and _monotonic() < until
@@ -594,7 +594,7 @@ class WorkerLink:
                 if self._parked():
                     with cond:
                         wait = tick
-                        if not self._fg and self._loop is None:  # only the linger: wake when it ends
+                        if not self._fg_conds and self._loop is None:  # only the linger: wake when it ends
                             wait = min(tick, max(0.0, self._fg_until - _monotonic()))
                         self._tick = tick
                         self._park.wait(wait)
@@ -761,7 +761,6 @@ class WorkerLink:
         try:
             if self._eof:
                 return
-            self._fg += 1
             self._fg_conds.append(wake)
             if self._selecting:
                 self._wake_reader()
@@ -803,12 +802,11 @@ class WorkerLink:
         finally:
             lock.acquire()
             try:
-                self._fg -= 1
                 self._fg_conds.remove(wake)
                 self._fg_until = _monotonic() + LINGER
                 if self._eof:
                     self._close_fg_pipe()
-                elif not self._fg and self._tick > LINGER:
+                elif not self._fg_conds and self._tick > LINGER:
                     self._park.notify()  # it waits long: make it take the pipe back when the linger ends
             finally:
                 lock.release()
@@ -826,7 +824,7 @@ class WorkerLink:
 
     def _close_fg_pipe(self) -> None:
         """With ``_cond`` held, after EOF and once no thread reads in get(): close the pipe that wakes them."""
-        if self._fg == 0 and self._fg_wake_w >= 0:
+        if not self._fg_conds and self._fg_wake_w >= 0:
             os.close(self._fg_wake_r)
             os.close(self._fg_wake_w)
             self._fg_wake_r = self._fg_wake_w = -1
