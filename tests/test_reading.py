@@ -34,7 +34,7 @@ def test_a_thread_waiting_in_get_reads_the_pipe_itself() -> None:
 @pytest.mark.timeout(90)
 def test_an_event_loop_reads_the_pipe_and_a_blocked_loop_loses_nothing() -> None:
     out = run_workers(workers.loop_reader, 2)[1][1]
-    assert out["attached"] is True
+    assert out["attached"] is True and out["handed_over"] is True
     assert out["m1_async"] == "m1" and out["m1_on_loop"]  # callbacks run on the loop
     assert out["m2_arrived"] and not out["m2_on_loop"]  # the loop was blocked: the reader thread read it
     assert out["ready_on_loop"] is True  # a blocking wait on the loop still ends

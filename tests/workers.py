@@ -1125,7 +1125,7 @@ def loop_reader(results: Any, barrier: Any) -> None:
         link = current_link()
         assert link is not None
         loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(None, _wait, lambda: not link._role.locked(), 10)  # the reader let go
+        out["handed_over"] = not link._role.locked()  # read_on_loop() returned once the reader let go
         await loop.run_in_executor(None, barrier.wait, 20)  # -> m1, the loop idle
         out["m1_async"] = (await asyncio.wait_for(sub.__anext__(), 15)).data
         out["m1_on_loop"] = on.get("m1") == loop_thread

@@ -68,6 +68,8 @@ READ_SIZE = 1024 * 1024
 TICK = 0.002
 TICK_MAX = 0.05
 LINGER = 0.002
+#: read_on_loop() waits at most this long for the thread reading before to let go.
+HANDOVER = 1.0
 _POLLIN = select.POLLIN
 #: Seconds between a lost primary and a hard exit, for SIGTERM handlers to run.
 ORPHAN_GRACE = 1.0
@@ -847,6 +849,15 @@ class WorkerLink:
                 raise RuntimeError("this worker's pipe is already read on another event loop")
             self._loop, self._loop_users = loop, 1
             self._wake_reader()
+            if self._fg_polling and self._fg_wake_w >= 0:  # a thread polling in get() lets go too
+                try:
+                    os.write(self._fg_wake_w, b"\0")
+                except OSError:  # BlockingIOError: it has bytes to wake on already
+                    pass
+        # From the return on, this loop reads: wait (bounded: a callback may be running on the thread that
+        # holds the role) until whoever read before has let go.
+        if self._role.acquire(timeout=HANDOVER):
+            self._role.release()
         loop.add_reader(self._sock.fileno(), self._loop_readable, loop)
 
     def stop_reading_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
