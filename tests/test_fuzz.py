@@ -123,12 +123,14 @@ def _mutated(rng: random.Random, valid: bytes) -> bytes:
 
 
 VALID = pack_run(b"o", b"ns", b"t", [b"data", b"more"]) + pack_run(b"p", b"", b"u", [b"x"], to=b"h")
+#: One message alone in its frame: parse_tagged's fast path.
+VALID_ONE = pack_run(b"o", b"ns", b"t", [b"data"])
 
 
 def test_both_record_parsers_raise_only_protocol_error_and_agree(rng: random.Random) -> None:
     """The primary's check and the worker's parsers accept exactly the same bodies, and raise nothing else."""
-    for _ in range(CASES):
-        body = _mutated(rng, VALID)
+    for case in range(CASES):
+        body = _mutated(rng, VALID if case % 2 else VALID_ONE)
         try:
             runs = parse_records(body)
         except ProtocolError:
@@ -138,6 +140,10 @@ def test_both_record_parsers_raise_only_protocol_error_and_agree(rng: random.Ran
         except ProtocolError:
             tagged = None
         assert (tagged is None) == (runs is None), f"{body!r} {_seed()}"  # the two worker parsers agree
+        if runs is not None:  # and they read the same messages
+            split = [(o, t, n, tp, bytes(d[0] if d else 0 for d in datas), [d[1:] for d in datas])
+                     for o, t, n, tp, datas in runs]
+            assert tagged == split, f"{body!r} {_seed()}"
         count = sum(len(run[4]) for run in runs) if runs is not None else 3
         try:
             check_records(body, 0, len(body), count)

@@ -173,6 +173,9 @@ class WorkerLink:
         self._closing = False
         self._closed = False
         self._members: Dict[bytes, Tuple[Member, ...]] = {}
+        # channel -> (its members, whether one takes plain runs, whether one takes tagged runs): the reading
+        # thread's cache, keyed by the members tuple it was computed from.
+        self._forms: Dict[bytes, Tuple[Tuple[Member, ...], bool, bool]] = {}
         self._sub_seq = 0  # numbers every SUB this link sends; the primary's ACK carries it back
         self._acks: Dict[bytes, int] = {}  # channel -> the highest SUB number acknowledged, while it has members
         # channel -> topic or pattern -> how many hubs here want it (the primary hears of the first and the last)
@@ -269,6 +272,7 @@ class WorkerLink:
                 self._members[channel] = members
             else:
                 self._members.pop(channel, None)
+                self._forms.pop(channel, None)
                 self._acks.pop(channel, None)
                 self._presence.pop(channel, None)
                 self._interest.pop(channel, None)  # the primary forgets it with the last UNSUB
@@ -904,9 +908,13 @@ class WorkerLink:
         if kind == DATA:
             members = self._members.get(channel)
             if members:
-                wants = {m[3] for m in members}  # tagged runs, plain runs, or (rarely) both
-                plain = parse_records(body) if False in wants else None
-                tagged = parse_tagged(body) if True in wants else None
+                forms = self._forms.get(channel)
+                if forms is None or forms[0] is not members:  # the members changed: which forms they take
+                    forms = self._forms[channel] = (
+                        members, any(not m[3] for m in members), any(m[3] for m in members)
+                    )
+                plain = parse_records(body) if forms[1] else None  # plain runs, tagged ones, or (rarely) both
+                tagged = parse_tagged(body) if forms[2] else None
                 self._dispatch(channel, members, origin, plain, tagged)
         elif kind == ACK:
             with self._cond:
