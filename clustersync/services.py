@@ -688,13 +688,12 @@ async def _with_context(coro: Any, ctx: CallContext) -> Any:
     return await coro
 
 
-#: The threads that deliver messages to hubs: the relay link's reader, broadcast_channel's delivery threads.
-_DELIVERY_THREADS = ("clustersync-reader", "clustersync-broadcast-")
-
-
 def _not_on_a_delivery_thread() -> None:
-    """A blocking call on the thread that would deliver its answer can only time out: refuse it at once."""
-    if delivering() or threading.current_thread().name.startswith(_DELIVERY_THREADS):
+    """A blocking call on the thread that would deliver its answer can only time out: refuse it at once.
+
+    Every thread that hands messages to hubs says so (``message.delivering_on``): the relay link's reader
+    and whatever thread holds its reading role, and the in-process drivers' delivery threads."""
+    if delivering():
         raise RuntimeError(
             "a blocking call from a subscription callback would wait for an answer that the same thread "
             "delivers: call from another thread, or schedule call_async on your event loop"

@@ -177,6 +177,7 @@ class Subscription:
             raise RuntimeError("this subscription has a callback; get() is for queue subscriptions")
         queue = self._queue
         read = self.hub._read_until
+        wait = timeout  # what is left of it for the queue, once this thread has read
         if read is not None and not queue.ready():
             # Read the backplane on this thread (capability "reading"): the message comes with no hand-off.
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -188,9 +189,9 @@ class Subscription:
             finally:
                 readers.remove(me)
             if deadline is not None:
-                timeout = max(0.0, deadline - time.monotonic())
+                wait = max(0.0, deadline - time.monotonic())
         try:
-            return queue.get(timeout)
+            return queue.get(wait)
         except TimeoutError:
             raise TimeoutError(f"no message on {self.topic!r} within {timeout} s") from None
         except EOFError:

@@ -22,8 +22,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._log import RateLimitedLog, logger
-from ..message import Address
-from ..sync.base import OnUnreachable, delivering, delivering_on, tell_watcher
+from ..message import Address, delivering, delivering_on
+from ..sync.base import OnUnreachable, tell_watcher
 from .loop import start_thread
 from .wire import (
     ACK,
@@ -91,11 +91,20 @@ _pack_run = RUN.pack
 _monotonic = time.monotonic
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Does ``sock`` have something to read now (data or EOF)?"""
-    poller = select.poll()
-    poller.register(sock.fileno(), _POLLIN)
-    return bool(poller.poll(0))
+def _wake_pipe() -> Tuple[int, int]:
+    """A non-blocking pipe that wakes a thread out of its poll: (read end, write end)."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _poke(fd: int) -> None:
+    """Write one byte to a wake-up pipe (a full pipe already has bytes to wake on)."""
+    try:
+        os.write(fd, b"\0")
+    except BlockingIOError:
+        pass
 
 
 def _drain(fd: int) -> None:
@@ -215,9 +224,7 @@ class WorkerLink:
         # The thread holding the role in get() polls the socket and its own wake pipe: what it waits for may
         # come another way (a publish in this process, a close), and interrupt_reading() tells it.
         self._fg_polling = False
-        self._fg_wake_r, self._fg_wake_w = os.pipe()
-        os.set_blocking(self._fg_wake_r, False)
-        os.set_blocking(self._fg_wake_w, False)
+        self._fg_wake_r, self._fg_wake_w = _wake_pipe()
         self._fg_poll = select.poll()
         self._fg_poll.register(sock.fileno(), _POLLIN)
         self._fg_poll.register(self._fg_wake_r, _POLLIN)
@@ -226,9 +233,7 @@ class WorkerLink:
         self._loop_users = 0
         # What gets the reader thread out of its poll when a thread or a loop starts reading.
         self._selecting = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake_r, self._wake_w = _wake_pipe()
 
     def start(self) -> None:
         """Start the reader and writer threads, and say hello (the primary's liveness clock starts)."""
@@ -591,6 +596,8 @@ class WorkerLink:
         poller.register(sock.fileno(), _POLLIN)
         poller.register(self._wake_r, _POLLIN)
         fd = sock.fileno()
+        watch = select.poll()  # the socket alone: has it something to read now?
+        watch.register(fd, _POLLIN)
         tick = TICK
         seen = -1  # the count of readings at the previous tick
         stale = False  # data waited unread at the previous tick
@@ -613,11 +620,11 @@ class WorkerLink:
                     # The watchdog: read what has waited a whole tick with nobody reading (a loop blocked in
                     # a long call, a thread gone from get() for longer than it said); nothing otherwise.
                     quiet = self._reads == seen
-                    waiting = quiet and _readable(sock)
+                    waiting = quiet and bool(watch.poll(0))
                     if waiting and stale and role.acquire(False):
                         try:
                             for _ in range(64):
-                                if not self._read_once(False) or not _readable(sock):
+                                if not self._read_once(False) or not watch.poll(0):
                                     break
                         finally:
                             role.release()
@@ -663,10 +670,7 @@ class WorkerLink:
     def _wake_reader(self) -> None:
         """With ``_cond`` held: get the reader thread out of its poll, so it stands by."""
         if self._selecting and self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"\0")
-            except OSError:  # BlockingIOError: it has bytes to wake on already
-                pass
+            _poke(self._wake_w)
 
     def _freed(self, mine: Optional[threading.Condition]) -> None:
         """The role was just released: threads waiting in get() for it may take it."""
@@ -823,10 +827,7 @@ class WorkerLink:
         if self._fg_polling:
             with self._cond:  # the pipe is closed under the same lock, once nobody reads (see _close_fg_pipe)
                 if self._fg_polling and self._fg_wake_w >= 0:
-                    try:
-                        os.write(self._fg_wake_w, b"\0")
-                    except OSError:  # BlockingIOError: it has bytes to wake on already
-                        pass
+                    _poke(self._fg_wake_w)
 
     def _close_fg_pipe(self) -> None:
         """With ``_cond`` held, after EOF and once no thread reads in get(): close the pipe that wakes them."""
@@ -854,10 +855,7 @@ class WorkerLink:
             self._loop, self._loop_users = loop, 1
             self._wake_reader()
             if self._fg_polling and self._fg_wake_w >= 0:  # a thread polling in get() lets go too
-                try:
-                    os.write(self._fg_wake_w, b"\0")
-                except OSError:  # BlockingIOError: it has bytes to wake on already
-                    pass
+                _poke(self._fg_wake_w)
         # From the return on, this loop reads: wait (bounded: a callback may be running on the thread that
         # holds the role) until whoever read before has let go.
         if self._role.acquire(timeout=HANDOVER):

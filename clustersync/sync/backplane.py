@@ -40,7 +40,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, FrozenSet, List, Optional, Protocol, Sequence, Set, Tuple
 
 from .._log import RateLimitedLog
-from ..message import DEFAULT_QUEUE_SIZE, Address, BoundedQueue, Destination, Message
+from ..message import DEFAULT_QUEUE_SIZE, Address, BoundedQueue, Destination, Message, delivering_on
 from .base import Deliver, DeliverBatch, OnUnreachable, deliver_in_runs, one_by_one
 from .envelope import is_for, pack, unpack
 
@@ -601,6 +601,7 @@ class BackplaneDriver:
         deliver = self._deliver
         assert deliver is not None
         queue = self._queue
+        delivering_on(True)  # this thread does nothing else (a blocking call here waits for itself)
         while True:
             batch = queue.take_all(None)
             if queue.closed:

@@ -55,7 +55,7 @@ import os
 import threading
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Protocol, runtime_checkable
 
-from ..message import Address, Destination, Message, check_channel, delivering, delivering_on
+from ..message import Address, Destination, Message, check_channel
 
 __all__ = [
     "SyncDriver",
@@ -88,8 +88,6 @@ __all__ = [
     "one_by_one",
     "deliver_in_runs",
     "Reading",
-    "delivering",
-    "delivering_on",
 ]
 
 #: ``deliver(msg)``: one message from another hub (``msg.data`` is the encoded payload).
@@ -105,6 +103,7 @@ OnUnreachable = Callable[[Destination, int], Any]
 CAPABILITIES = frozenset(
     {"batch", "tagged", "parts", "sender", "ready", "stats", "limit", "presence", "state", "address", "interest", "reading"}
 )
+
 
 def one_by_one(deliver: Deliver) -> DeliverBatch:
     """Adapt a per-message ``deliver(msg)`` to a ``deliver_batch``."""
@@ -283,8 +282,8 @@ class Presence(Protocol):
 DriverFactory = Callable[[Address], SyncDriver]
 
 
-class ClusterTransport(Protocol):
-    """The worker's end of the relay, as the ``cluster`` driver sees it.
+class ClusterTransport(Reading, Protocol):
+    """The worker's end of the relay, as the ``cluster`` driver sees it (it can be read on any thread: :class:`Reading`).
 
     The relay installs one per worker process (:func:`install_cluster_transport`);
     the driver only knows this protocol, never the relay's modules.
@@ -336,19 +335,6 @@ class ClusterTransport(Protocol):
 
     def sync(self, timeout: Optional[float]) -> bool:
         """Wait until everything the relay queued for this worker before this call has arrived."""
-
-    def read_until(self, ready: Callable[[], bool], timeout: Optional[float], wake: threading.Condition) -> None:
-        """Read the pipe on the calling thread until ``ready()`` (see :class:`Reading`)."""
-
-    def interrupt_reading(self) -> None:
-        """``ready()`` of a thread in ``read_until`` may have turned true another way (a local publish, a
-        close): that thread must look again."""
-
-    def read_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Read the pipe on ``loop`` (see :class:`Reading`)."""
-
-    def stop_reading_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Undo one :meth:`read_on_loop`."""
 
 
 _transport: Optional[ClusterTransport] = None

@@ -24,6 +24,7 @@ from ..message import (
     DestinationUnreachable,
     Message,
     check_channel,
+    delivering_on,
 )
 from .base import (
     Deliver,
@@ -131,6 +132,7 @@ class BroadcastDriver:
         deliver = self._deliver
         assert deliver is not None
         queue = self._queue
+        delivering_on(True)  # this thread does nothing else (a blocking service call here is refused)
         while True:
             batch = queue.take_all(None)
             if queue.closed:
